@@ -1,0 +1,308 @@
+//! `BatchNorm2d` as a Rust type: configuration, parameters, running buffers and gradients.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::functional::{batch_norm, batch_norm_backward, SavedStats};
+use crate::shape::{Shape, TensorRef};
+use crate::state::{quoted_list, size_mismatch, LoadReport, StateTensor};
+
+/// The constructor arguments of `torch.nn.BatchNorm2d`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub num_features: usize,
+    pub eps: f64,
+    /// `None` means a cumulative average: factor 1/num_batches_tracked.
+    pub momentum: Option<f64>,
+    pub affine: bool,
+    /// Whether an affine layer has a bias (PyTorch's keyword-only `bias=True`).
+    pub bias: bool,
+    pub track_running_stats: bool,
+}
+
+impl Config {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1, affine with bias, tracked statistics.
+    pub fn new(num_features: usize) -> Self {
+        Config { num_features, eps: 1e-5, momentum: Some(0.1), affine: true, bias: true, track_running_stats: true }
+    }
+}
+
+/// Batch normalization over (N, C, H, W) inputs with the semantics of `torch.nn.BatchNorm2d`.
+///
+/// Every buffer is allocated once, at construction, and only ever written in place: the Python
+/// bindings hand out NumPy views of them.
+///
+/// ```
+/// use batchnorm::{BatchNorm2d, Config, Shape, TensorRef};
+///
+/// let mut layer = BatchNorm2d::<f32>::new(Config::new(2))?;
+/// let shape = Shape::new(2, 2, 1, 2);
+/// let x = [1.0, 3.0, 10.0, 10.0, 5.0, 7.0, 20.0, 20.0];
+/// let x = TensorRef::contiguous(&x, shape)?;
+/// let mut y = vec![0.0; 8];
+/// let saved = layer.forward(&x, &mut y)?;
+/// // Channel 0 holds 1, 3, 5, 7 (mean 4, biased variance 5): y = (x − 4) / sqrt(5 + eps).
+/// assert!((y[0] + 3.0 / 5.0_f32.sqrt()).abs() < 1e-5);
+/// assert_eq!(layer.num_batches_tracked(), Some(1));
+///
+/// let ones = vec![1.0; 8];
+/// let dy = TensorRef::contiguous(&ones, shape)?;
+/// let mut dx = vec![0.0; 8];
+/// layer.backward(&saved, &x, &dy, &mut dx)?;
+/// assert_eq!(layer.grad_bias(), Some(&[4.0, 4.0][..]));
+/// # Ok::<(), batchnorm::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d<T: Element> {
+    config: Config,
+    training: bool,
+    weight: Option<Vec<T>>,
+    bias: Option<Vec<T>>,
+    running_mean: Option<Vec<T>>,
+    running_var: Option<Vec<T>>,
+    num_batches_tracked: Option<i64>,
+    grad_weight: Option<Vec<T>>,
+    grad_bias: Option<Vec<T>>,
+    /// Whether the grad buffers hold a gradient (PyTorch's `.grad is not None`).
+    has_grad: bool,
+}
+
+impl<T: Element> BatchNorm2d<T> {
+    /// A layer in training mode with weight 1, bias 0, running mean 0 and running variance 1.
+    pub fn new(config: Config) -> Result<Self> {
+        let c = config.num_features;
+        if c == 0 {
+            return Err(Error::InvalidArgument("num_features must be a positive integer, got 0".into()));
+        }
+        let filled = |on: bool, value: f64| on.then(|| vec![T::from_f64(value); c]);
+        let (affine, bias, track) = (config.affine, config.affine && config.bias, config.track_running_stats);
+        Ok(BatchNorm2d {
+            weight: filled(affine, 1.0),
+            bias: filled(bias, 0.0),
+            running_mean: filled(track, 0.0),
+            running_var: filled(track, 1.0),
+            num_batches_tracked: track.then_some(0),
+            grad_weight: filled(affine, 0.0),
+            grad_bias: filled(bias, 0.0),
+            has_grad: false,
+            training: true,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+    /// `train(true)` / `eval()`.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+    pub fn weight(&self) -> Option<&[T]> {
+        self.weight.as_deref()
+    }
+    pub fn weight_mut(&mut self) -> Option<&mut [T]> {
+        self.weight.as_deref_mut()
+    }
+    pub fn bias(&self) -> Option<&[T]> {
+        self.bias.as_deref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut [T]> {
+        self.bias.as_deref_mut()
+    }
+    pub fn running_mean(&self) -> Option<&[T]> {
+        self.running_mean.as_deref()
+    }
+    pub fn running_mean_mut(&mut self) -> Option<&mut [T]> {
+        self.running_mean.as_deref_mut()
+    }
+    pub fn running_var(&self) -> Option<&[T]> {
+        self.running_var.as_deref()
+    }
+    pub fn running_var_mut(&mut self) -> Option<&mut [T]> {
+        self.running_var.as_deref_mut()
+    }
+    pub fn num_batches_tracked(&self) -> Option<i64> {
+        self.num_batches_tracked
+    }
+    /// Σ over backward calls since the last [`Self::zero_grad`]; `None` before any.
+    pub fn grad_weight(&self) -> Option<&[T]> {
+        self.grad_weight.as_deref().filter(|_| self.has_grad)
+    }
+    pub fn grad_bias(&self) -> Option<&[T]> {
+        self.grad_bias.as_deref().filter(|_| self.has_grad)
+    }
+    pub fn grad_weight_mut(&mut self) -> Option<&mut [T]> {
+        self.grad_weight.as_deref_mut().filter(|_| self.has_grad)
+    }
+    pub fn grad_bias_mut(&mut self) -> Option<&mut [T]> {
+        self.grad_bias.as_deref_mut().filter(|_| self.has_grad)
+    }
+
+    /// Forgets the gradients (PyTorch's `zero_grad(set_to_none=True)`).
+    pub fn zero_grad(&mut self) {
+        self.has_grad = false;
+    }
+
+    /// Running mean 0, running variance 1, no batches tracked.
+    pub fn reset_running_stats(&mut self) {
+        let fill = |buffer: &mut Option<Vec<T>>, value: f64| buffer.iter_mut().flatten().for_each(|v| *v = T::from_f64(value));
+        fill(&mut self.running_mean, 0.0);
+        fill(&mut self.running_var, 1.0);
+        if let Some(count) = self.num_batches_tracked.as_mut() {
+            *count = 0;
+        }
+    }
+
+    /// Running statistics reset, weight 1 and bias 0.
+    pub fn reset_parameters(&mut self) {
+        self.reset_running_stats();
+        self.weight.iter_mut().flatten().for_each(|v| *v = T::from_f64(1.0));
+        self.bias.iter_mut().flatten().for_each(|v| *v = T::from_f64(0.0));
+    }
+
+    /// Whether a forward in the current mode normalizes with the batch's own statistics.
+    fn uses_batch_stats(&self) -> bool {
+        self.training || !self.config.track_running_stats
+    }
+
+    /// Normalizes `x` into `y` (C-contiguous, `x.shape().numel()` long). In training mode with
+    /// tracked statistics, updates the running buffers and counts the batch. Returns what
+    /// [`Self::backward`] needs. A call that fails changes nothing.
+    pub fn forward(&mut self, x: &TensorRef<'_, T>, y: &mut [T]) -> Result<SavedStats> {
+        let shape = x.shape();
+        self.check_channels(shape)?;
+        let batch_stats = self.uses_batch_stats();
+        let updates = self.training && self.config.track_running_stats;
+        let factor = match (updates, self.config.momentum, self.num_batches_tracked) {
+            (true, None, Some(count)) => 1.0 / (count + 1) as f64,
+            (_, momentum, _) => momentum.unwrap_or(0.0),
+        };
+        let (running_mean, running_var) = if updates || !batch_stats {
+            (self.running_mean.as_deref_mut(), self.running_var.as_deref_mut())
+        } else {
+            (None, None)
+        };
+        let saved = batch_norm(
+            x,
+            y,
+            running_mean,
+            running_var,
+            self.weight.as_deref(),
+            self.bias.as_deref(),
+            batch_stats,
+            factor,
+            self.config.eps,
+        )?;
+        if updates {
+            if let Some(count) = self.num_batches_tracked.as_mut() {
+                *count += 1;
+            }
+        }
+        Ok(saved)
+    }
+
+    /// Writes grad_input for the forward that returned `saved` into `dx`, and adds the weight and
+    /// bias gradients into [`Self::grad_weight`] and [`Self::grad_bias`].
+    pub fn backward(&mut self, saved: &SavedStats, x: &TensorRef<'_, T>, dy: &TensorRef<'_, T>, dx: &mut [T]) -> Result<()> {
+        self.check_channels(saved.shape())?;
+        let grads = batch_norm_backward(dy, x, dx, saved, self.weight.as_deref())?;
+        let fresh = !self.has_grad;
+        let accumulate = |into: &mut Option<Vec<T>>, add: &[T]| {
+            for (acc, &g) in into.iter_mut().flatten().zip(add) {
+                *acc = if fresh { g } else { T::from_f64(acc.to_f64() + g.to_f64()) };
+            }
+        };
+        accumulate(&mut self.grad_weight, &grads.grad_weight);
+        accumulate(&mut self.grad_bias, &grads.grad_bias);
+        self.has_grad = self.config.affine;
+        Ok(())
+    }
+
+    fn check_channels(&self, shape: Shape) -> Result<()> {
+        if shape.c != self.config.num_features {
+            return Err(Error::ChannelMismatch { expected: self.config.num_features, got: shape.c, shape: shape.dims().to_vec() });
+        }
+        Ok(())
+    }
+
+    /// The keys this layer's state dict has, in PyTorch's order.
+    pub fn state_keys(&self) -> Vec<&'static str> {
+        let present = [
+            ("weight", self.weight.is_some()),
+            ("bias", self.bias.is_some()),
+            ("running_mean", self.running_mean.is_some()),
+            ("running_var", self.running_var.is_some()),
+            ("num_batches_tracked", self.num_batches_tracked.is_some()),
+        ];
+        present.into_iter().filter(|(_, on)| *on).map(|(key, _)| key).collect()
+    }
+
+    /// PyTorch's `state_dict()`: copies of the parameters and buffers.
+    pub fn state_dict(&self) -> Vec<(&'static str, StateTensor<T>)> {
+        let float = |v: &Option<Vec<T>>| v.clone().map(StateTensor::float);
+        [
+            ("weight", float(&self.weight)),
+            ("bias", float(&self.bias)),
+            ("running_mean", float(&self.running_mean)),
+            ("running_var", float(&self.running_var)),
+            ("num_batches_tracked", self.num_batches_tracked.map(StateTensor::scalar_int)),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|v| (key, v)))
+        .collect()
+    }
+
+    /// PyTorch's `load_state_dict`. Every key and shape is checked before anything is written;
+    /// under `strict`, missing or unexpected keys are an error naming all of them.
+    pub fn load_state_dict(&mut self, entries: &[(String, StateTensor<T>)], strict: bool) -> Result<LoadReport> {
+        let keys = self.state_keys();
+        let find = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        let report = LoadReport {
+            missing_keys: keys.iter().filter(|k| find(k).is_none()).map(|k| k.to_string()).collect(),
+            unexpected_keys: entries.iter().map(|(k, _)| k).filter(|k| !keys.contains(&k.as_str())).cloned().collect(),
+        };
+        let mut problems = Vec::new();
+        if strict && !report.unexpected_keys.is_empty() {
+            problems.push(format!("Unexpected key(s) in state_dict: {}.", quoted_list(&report.unexpected_keys)));
+        }
+        if strict && !report.missing_keys.is_empty() {
+            problems.push(format!("Missing key(s) in state_dict: {}.", quoted_list(&report.missing_keys)));
+        }
+        let c = self.config.num_features;
+        for key in &keys {
+            let Some(value) = find(key) else { continue };
+            let scalar = *key == "num_batches_tracked";
+            let shape_ok = if scalar { value.shape.is_empty() || value.shape == [1] } else { value.shape == [c] };
+            let count_ok = value.len() == value.shape.iter().product::<usize>();
+            if !shape_ok || !count_ok {
+                let expected: &[usize] = if scalar { &[] } else { &[c] };
+                problems.push(format!("{}.", size_mismatch(key, &value.shape, expected)));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::StateDict(format!(
+                "Error(s) in loading state_dict for BatchNorm2d:\n\t{}",
+                problems.join("\n\t")
+            )));
+        }
+        for key in keys {
+            let Some(value) = find(key) else { continue };
+            let target = match key {
+                "weight" => &mut self.weight,
+                "bias" => &mut self.bias,
+                "running_mean" => &mut self.running_mean,
+                "running_var" => &mut self.running_var,
+                _ => {
+                    self.num_batches_tracked = value.first_int().or(self.num_batches_tracked);
+                    continue;
+                }
+            };
+            if let Some(buffer) = target.as_mut() {
+                buffer.copy_from_slice(&value.to_floats());
+            }
+        }
+        Ok(report)
+    }
+}

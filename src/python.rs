@@ -1,0 +1,817 @@
+//! The Python bindings (`batchnorm._core`): converts arguments, errors and arrays, releases the
+//! GIL around compute, and calls the core. No numerics live here.
+
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+use ndarray::ArrayView1;
+use numpy::npyffi::flags::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
+use numpy::{
+    dtype, Element as NpElement, IxDyn, PyArray, PyArray1, PyArrayDescr, PyArrayDescrMethods, PyArrayDyn,
+    PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple};
+
+use crate::functional::{self, SavedStats};
+use crate::{BatchNorm2d, Config, Element, Error, Result, Shape, StateTensor, StateValues, TensorRef};
+
+/// The one place a core error becomes a Python exception.
+impl From<Error> for PyErr {
+    fn from(error: Error) -> PyErr {
+        let message = error.to_string();
+        match error {
+            Error::DType { .. } | Error::NotAnArray { .. } => PyTypeError::new_err(message),
+            Error::NoForward | Error::StateDict(_) | Error::Unsupported(_) => PyRuntimeError::new_err(message),
+            Error::InvalidArgument(_)
+            | Error::Rank { .. }
+            | Error::ChannelMismatch { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::OutOfBounds { .. }
+            | Error::TooFewValues { .. }
+            | Error::BadOutput(_) => PyValueError::new_err(message),
+        }
+    }
+}
+
+/// The float types a module can hold, with the numpy glue each needs.
+trait Float: Element + NpElement {
+    fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<Self>>;
+}
+
+/// The layer of element type `T`; the bindings only ever ask for the module's own dtype.
+fn typed<T: Float>(layer: &mut Layer) -> Result<&mut BatchNorm2d<T>> {
+    T::layer_mut(layer).ok_or_else(|| Error::DType { what: "module".into(), expected: T::DTYPE.into(), got: "another dtype".into() })
+}
+
+enum Layer {
+    F32(BatchNorm2d<f32>),
+    F64(BatchNorm2d<f64>),
+}
+
+impl Float for f32 {
+    fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<f32>> {
+        match layer {
+            Layer::F32(l) => Some(l),
+            Layer::F64(_) => None,
+        }
+    }
+}
+
+impl Float for f64 {
+    fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<f64>> {
+        match layer {
+            Layer::F64(l) => Some(l),
+            Layer::F32(_) => None,
+        }
+    }
+}
+
+/// Runs `$body` with `$l` bound to the typed layer and `$t` to its element type.
+macro_rules! with_layer {
+    ($layer:expr, $l:ident : $t:ident => $body:expr) => {
+        match $layer {
+            Layer::F32($l) => {
+                type $t = f32;
+                $body
+            }
+            Layer::F64($l) => {
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Dtype {
+    F32,
+    F64,
+}
+
+impl Dtype {
+    fn parse(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<Dtype> {
+        let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(Dtype::F32) };
+        let unsupported = |got: String| Error::DType { what: "module".into(), expected: "float32 or float64".into(), got };
+        let descr = PyArrayDescr::new(py, value).map_err(|_| unsupported(describe(value)))?;
+        if descr.is_equiv_to(&dtype::<f32>(py)) {
+            Ok(Dtype::F32)
+        } else if descr.is_equiv_to(&dtype::<f64>(py)) {
+            Ok(Dtype::F64)
+        } else {
+            Err(unsupported(descr.str()?.to_string()).into())
+        }
+    }
+
+    fn of_array(array: &Bound<'_, PyUntypedArray>) -> PyResult<Dtype> {
+        let py = array.py();
+        let descr = array.dtype();
+        if descr.is_equiv_to(&dtype::<f32>(py)) {
+            Ok(Dtype::F32)
+        } else if descr.is_equiv_to(&dtype::<f64>(py)) {
+            Ok(Dtype::F64)
+        } else {
+            Err(Error::DType { what: "input".into(), expected: "float32 or float64".into(), got: dtype_name(array) }
+                .into())
+        }
+    }
+}
+
+fn describe(value: &Bound<'_, PyAny>) -> String {
+    value.repr().map_or_else(|_| "<unprintable>".to_string(), |r| r.to_string())
+}
+
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value.get_type().name().map_or_else(|_| "<unknown type>".to_string(), |n| n.to_string())
+}
+
+fn dtype_name(array: &Bound<'_, PyUntypedArray>) -> String {
+    array.dtype().str().map_or_else(|_| "<unknown>".to_string(), |s| s.to_string())
+}
+
+/// `value` as an ndarray of element type `T`, or an error naming `what` was wrong with it.
+fn typed_array<'py, T: Float>(value: &Bound<'py, PyAny>, what: &str) -> Result<Bound<'py, PyArrayDyn<T>>> {
+    let untyped = value
+        .cast::<PyUntypedArray>()
+        .map_err(|_| Error::NotAnArray { what: what.to_string(), got: type_name(value) })?;
+    let dtype_error = || Error::DType { what: what.to_string(), expected: T::DTYPE.to_string(), got: dtype_name(untyped) };
+    if !untyped.dtype().is_equiv_to(&dtype::<T>(value.py())) {
+        return Err(dtype_error());
+    }
+    value.cast::<PyArrayDyn<T>>().map(Bound::clone).map_err(|_| dtype_error())
+}
+
+/// Arrays the kernels can read in place: aligned, with strides a multiple of the item size.
+/// Anything else (rare: views into packed records or raw buffers) is copied once.
+fn readable<'py, T: Float>(array: Bound<'py, PyArrayDyn<T>>) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let aligned = flags(array.as_untyped()) & NPY_ARRAY_ALIGNED != 0;
+    let item = std::mem::size_of::<T>() as isize;
+    if aligned && array.strides().iter().all(|s| s % item == 0) {
+        return Ok(array);
+    }
+    Ok(array.call_method0("copy")?.cast_into::<PyArrayDyn<T>>()?)
+}
+
+fn flags(array: &Bound<'_, PyUntypedArray>) -> i32 {
+    // SAFETY: reading a field of a live array object.
+    unsafe { (*array.as_array_ptr()).flags }
+}
+
+fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
+    flags(array) & NPY_ARRAY_WRITEABLE != 0
+}
+
+/// Byte range an array's elements occupy, for overlap checks.
+fn byte_span(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
+    // SAFETY: reading a field of a live array object.
+    let base = unsafe { (*array.as_array_ptr()).data } as usize;
+    let item = array.dtype().itemsize();
+    if array.len() == 0 {
+        return (base, base);
+    }
+    let (mut low, mut high) = (base as isize, base as isize);
+    for (&dim, &stride) in array.shape().iter().zip(array.strides()) {
+        let reach = (dim as isize - 1) * stride;
+        if reach < 0 { low += reach } else { high += reach }
+    }
+    (low as usize, high as usize + item)
+}
+
+fn overlaps(a: &Bound<'_, PyUntypedArray>, b: &Bound<'_, PyUntypedArray>) -> bool {
+    let ((a0, a1), (b0, b1)) = (byte_span(a), byte_span(b));
+    a0 < b1 && b0 < a1
+}
+
+/// The (N, C, H, W) view of a 3D or 4D array, borrowed for as long as the array is.
+fn tensor_ref<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, what: &'static str) -> Result<TensorRef<'a, T>> {
+    let dims = array.shape();
+    let shape = Shape::from_dims(dims).map_err(|_| Error::Rank { what, got: dims.to_vec() })?;
+    let item = std::mem::size_of::<T>() as isize;
+    let mut strides: Vec<isize> = array.strides().iter().map(|s| s / item).collect();
+    if strides.len() == 3 {
+        strides.insert(0, 0);
+    }
+    let strides = [strides[0], strides[1], strides[2], strides[3]];
+    if shape.numel() == 0 {
+        return TensorRef::strided(&[], 0, shape, strides);
+    }
+    let (mut low, mut high) = (0isize, 0isize);
+    for (&dim, &stride) in shape.dims().iter().zip(&strides) {
+        let reach = (dim as isize - 1) * stride;
+        if reach < 0 { low += reach } else { high += reach }
+    }
+    // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
+    // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
+    let data = unsafe { std::slice::from_raw_parts(array.data().offset(low), (high - low + 1) as usize) };
+    TensorRef::strided(data, (-low) as usize, shape, strides)
+}
+
+/// Where a result goes: a fresh C-contiguous array, or the caller's `out=` after checking it.
+fn output<'py, T: Float>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
+    dims: &[usize],
+    inputs: &[&Bound<'py, PyUntypedArray>],
+) -> Result<Bound<'py, PyArrayDyn<T>>> {
+    let Some(out) = out.filter(|o| !o.is_none()) else {
+        // SAFETY: every element is written by the kernel before the array is returned.
+        return Ok(unsafe { PyArray::<T, IxDyn>::new(py, dims, false) });
+    };
+    let array = typed_array::<T>(out, "out")?;
+    if array.shape() != dims {
+        return Err(Error::ShapeMismatch { what: "out".into(), expected: dims.to_vec(), got: array.shape().to_vec() });
+    }
+    if !array.is_c_contiguous() {
+        return Err(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()));
+    }
+    if !is_writeable(array.as_untyped()) {
+        return Err(Error::BadOutput("out must be writeable, got a read-only array".into()));
+    }
+    if inputs.iter().any(|input| overlaps(array.as_untyped(), input)) {
+        return Err(Error::BadOutput("out must not share memory with an input".into()));
+    }
+    Ok(array)
+}
+
+fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Result<&'a mut [T]> {
+    // SAFETY: `output` made or checked this array: C-contiguous, writeable, sharing no memory
+    // with any input, and referenced by no other Rust slice during the call.
+    unsafe { array.as_slice_mut() }.map_err(|e| Error::BadOutput(e.to_string()))
+}
+
+/// Locks a module's state without holding the GIL while waiting, so a long forward on one
+/// thread never stalls Python threads that merely read an attribute.
+fn lock<'a, S: Send>(py: Python<'_>, mutex: &'a Mutex<S>) -> MutexGuard<'a, S> {
+    loop {
+        match mutex.try_lock() {
+            Ok(guard) => return guard,
+            // State is written only after a call has fully succeeded, so it is never torn.
+            Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => py.detach(|| drop(mutex.lock())),
+        }
+    }
+}
+
+/// What the most recent forward left for `backward`.
+struct Saved {
+    stats: SavedStats,
+    input: Py<PyAny>,
+}
+
+/// BatchNorm2d(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)
+///
+/// Batch normalization over a 4D (N, C, H, W) or unbatched 3D (C, H, W) NumPy array, with the
+/// semantics of torch.nn.BatchNorm2d.
+#[pyclass(name = "BatchNorm2d", module = "batchnorm", subclass, frozen)]
+pub struct PyBatchNorm2d {
+    config: Config,
+    dtype: Dtype,
+    layer: Mutex<Layer>,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl PyBatchNorm2d {
+    fn forward_typed<'py, T: Float>(
+        slf: &Bound<'py, Self>,
+        input: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+        let py = slf.py();
+        let this = slf.get();
+        let x = readable(typed_array::<T>(input, "input")?)?;
+        let view = tensor_ref(&x, "input")?;
+        let y = output::<T>(py, out, x.shape(), &[x.as_untyped()])?;
+        let y_data = out_slice(&y)?;
+        let stats = py.detach(|| {
+            let mut layer = this.layer.lock().unwrap_or_else(|p| p.into_inner());
+            typed::<T>(&mut layer)?.forward(&view, y_data)
+        })?;
+        *lock(py, &this.saved) = Some(Saved { stats, input: x.into_any().unbind() });
+        Ok(y)
+    }
+
+    fn backward_typed<'py, T: Float>(
+        slf: &Bound<'py, Self>,
+        grad_output: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+        let py = slf.py();
+        let this = slf.get();
+        let (stats, input) = match lock(py, &this.saved).as_ref() {
+            Some(saved) => (saved.stats.clone(), saved.input.clone_ref(py)),
+            None => return Err(Error::NoForward.into()),
+        };
+        let x = input.into_bound(py).cast_into::<PyArrayDyn<T>>()?;
+        let dy = readable(typed_array::<T>(grad_output, "grad_output")?)?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                what: "grad_output (the forward output's shape)".into(),
+                expected: x.shape().to_vec(),
+                got: dy.shape().to_vec(),
+            }
+            .into());
+        }
+        let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
+        let dx = output::<T>(py, out, x.shape(), &[x.as_untyped(), dy.as_untyped()])?;
+        let dx_data = out_slice(&dx)?;
+        py.detach(|| {
+            let mut layer = this.layer.lock().unwrap_or_else(|p| p.into_inner());
+            typed::<T>(&mut layer)?.backward(&stats, &x_view, &dy_view, dx_data)
+        })?;
+        Ok(dx)
+    }
+}
+
+/// A NumPy view of a buffer inside the module; the view keeps the module alive.
+fn buffer_view<'py, T: Float>(owner: &Bound<'py, PyBatchNorm2d>, data: Option<&[T]>) -> Option<Bound<'py, PyAny>> {
+    data.map(|data| {
+        // SAFETY: the layer allocates its buffers once and never frees or moves them while the
+        // module lives; `owner` becomes the view's base object and so outlives it.
+        let view = unsafe { ArrayView1::from_shape_ptr(data.len(), data.as_ptr()) };
+        unsafe { PyArray1::borrow_from_array(&view, owner.clone().into_any()) }.into_any()
+    })
+}
+
+/// Copies `value` into a (C,) buffer of the module after checking its type, dtype and shape.
+fn assign_buffer<T: Float>(target: Option<&mut [T]>, value: &Bound<'_, PyAny>, name: &str, reason: &str) -> PyResult<()> {
+    let Some(target) = target else {
+        return Err(Error::InvalidArgument(format!("cannot assign {name}: this module has none ({reason})")).into());
+    };
+    let array = typed_array::<T>(value, name)?;
+    if array.shape() != [target.len()] {
+        return Err(Error::ShapeMismatch { what: name.to_string(), expected: vec![target.len()], got: array.shape().to_vec() }.into());
+    }
+    let source: Vec<T> = array.readonly().as_array().iter().copied().collect();
+    target.copy_from_slice(&source);
+    Ok(())
+}
+
+fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
+    Ok(PyFloat::new(py, value).repr()?.to_string())
+}
+
+#[pymethods]
+impl PyBatchNorm2d {
+    #[new]
+    #[pyo3(signature = (num_features, eps=1e-5, momentum=Some(0.1), affine=true, track_running_stats=true, device=None, dtype=None, *, bias=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        num_features: &Bound<'_, PyAny>,
+        eps: f64,
+        momentum: Option<f64>,
+        affine: bool,
+        track_running_stats: bool,
+        device: Option<&Bound<'_, PyAny>>,
+        dtype: Option<&Bound<'_, PyAny>>,
+        bias: bool,
+    ) -> PyResult<Self> {
+        let count: i64 = num_features.extract().map_err(|_| {
+            PyTypeError::new_err(format!("num_features must be an int, got {}", type_name(num_features)))
+        })?;
+        if count <= 0 {
+            return Err(Error::InvalidArgument(format!("num_features must be a positive integer, got {count}")).into());
+        }
+        check_device(device)?;
+        let dtype = Dtype::parse(py, dtype)?;
+        let config = Config { num_features: count as usize, eps, momentum, affine, bias, track_running_stats };
+        let layer = match dtype {
+            Dtype::F32 => Layer::F32(BatchNorm2d::new(config.clone())?),
+            Dtype::F64 => Layer::F64(BatchNorm2d::new(config.clone())?),
+        };
+        Ok(PyBatchNorm2d { config, dtype, layer: Mutex::new(layer), saved: Mutex::new(None) })
+    }
+
+    #[getter]
+    fn num_features(&self) -> usize {
+        self.config.num_features
+    }
+    #[getter]
+    fn eps(&self) -> f64 {
+        self.config.eps
+    }
+    #[getter]
+    fn momentum(&self) -> Option<f64> {
+        self.config.momentum
+    }
+    #[getter]
+    fn affine(&self) -> bool {
+        self.config.affine
+    }
+    #[getter]
+    fn track_running_stats(&self) -> bool {
+        self.config.track_running_stats
+    }
+    /// The NumPy dtype of the parameters, buffers, inputs and outputs.
+    #[getter]
+    fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyArrayDescr> {
+        match self.dtype {
+            Dtype::F32 => dtype::<f32>(py),
+            Dtype::F64 => dtype::<f64>(py),
+        }
+    }
+    /// Where the parameters live: always "cpu" in this build.
+    #[getter]
+    fn device(&self) -> &'static str {
+        "cpu"
+    }
+
+    #[getter]
+    fn training(&self, py: Python<'_>) -> bool {
+        with_layer!(&*lock(py, &self.layer), l: _T => l.is_training())
+    }
+    #[setter]
+    fn set_training(&self, py: Python<'_>, mode: bool) {
+        with_layer!(&mut *lock(py, &self.layer), l: _T => l.set_training(mode))
+    }
+
+    #[getter]
+    fn weight<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.weight()))
+    }
+    #[setter]
+    fn set_weight(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.weight_mut(), value, "weight", "affine=False"))
+    }
+    #[getter]
+    fn bias<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.bias()))
+    }
+    #[setter]
+    fn set_bias(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.bias_mut(), value, "bias", "affine=False or bias=False"))
+    }
+    #[getter]
+    fn running_mean<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.running_mean()))
+    }
+    #[setter]
+    fn set_running_mean(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.running_mean_mut(), value, "running_mean", "track_running_stats=False"))
+    }
+    #[getter]
+    fn running_var<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.running_var()))
+    }
+    #[setter]
+    fn set_running_var(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.running_var_mut(), value, "running_var", "track_running_stats=False"))
+    }
+    #[getter]
+    fn num_batches_tracked(&self, py: Python<'_>) -> Option<i64> {
+        with_layer!(&*lock(py, &self.layer), l: _T => l.num_batches_tracked())
+    }
+    /// Σ of weight gradients over backward calls since zero_grad(); None before any.
+    #[getter]
+    fn grad_weight<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.grad_weight()))
+    }
+    /// Σ of bias gradients over backward calls since zero_grad(); None before any.
+    #[getter]
+    fn grad_bias<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.grad_bias()))
+    }
+
+    /// forward(input, *, out=None): normalizes input; in training mode updates the running statistics.
+    #[pyo3(signature = (input, *, out=None))]
+    fn forward<'py>(slf: &Bound<'py, Self>, input: &Bound<'py, PyAny>, out: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        match slf.get().dtype {
+            Dtype::F32 => Self::forward_typed::<f32>(slf, input, out).map(Bound::into_any),
+            Dtype::F64 => Self::forward_typed::<f64>(slf, input, out).map(Bound::into_any),
+        }
+    }
+
+    #[pyo3(signature = (input, *, out=None))]
+    fn __call__<'py>(slf: &Bound<'py, Self>, input: &Bound<'py, PyAny>, out: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        Self::forward(slf, input, out)
+    }
+
+    /// backward(grad_output, *, out=None): grad_input for the most recent forward; adds into grad_weight and grad_bias.
+    #[pyo3(signature = (grad_output, *, out=None))]
+    fn backward<'py>(slf: &Bound<'py, Self>, grad_output: &Bound<'py, PyAny>, out: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        match slf.get().dtype {
+            Dtype::F32 => Self::backward_typed::<f32>(slf, grad_output, out).map(Bound::into_any),
+            Dtype::F64 => Self::backward_typed::<f64>(slf, grad_output, out).map(Bound::into_any),
+        }
+    }
+
+    /// train(mode=True): sets training mode; returns the module.
+    #[pyo3(signature = (mode=true))]
+    fn train(slf: Bound<'_, Self>, mode: bool) -> Bound<'_, Self> {
+        slf.get().set_training(slf.py(), mode);
+        slf
+    }
+
+    /// eval(): sets evaluation mode; returns the module.
+    fn eval(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        Self::train(slf, false)
+    }
+
+    /// zero_grad(): forgets the accumulated gradients (grad_weight and grad_bias become None).
+    fn zero_grad(&self, py: Python<'_>) {
+        with_layer!(&mut *lock(py, &self.layer), l: _T => l.zero_grad())
+    }
+
+    /// reset_running_stats(): running_mean 0, running_var 1, num_batches_tracked 0.
+    fn reset_running_stats(&self, py: Python<'_>) {
+        with_layer!(&mut *lock(py, &self.layer), l: _T => l.reset_running_stats())
+    }
+
+    /// reset_parameters(): reset_running_stats(), weight 1, bias 0.
+    fn reset_parameters(&self, py: Python<'_>) {
+        with_layer!(&mut *lock(py, &self.layer), l: _T => l.reset_parameters())
+    }
+
+    /// state_dict(): copies of the parameters and buffers under PyTorch's keys.
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        with_layer!(&*lock(py, &self.layer), l: _T => {
+            for (key, tensor) in l.state_dict() {
+                dict.set_item(key, state_array(py, tensor)?)?;
+            }
+        });
+        Ok(dict)
+    }
+
+    /// load_state_dict(state_dict, strict=True) -> (missing_keys, unexpected_keys)
+    #[pyo3(signature = (state_dict, strict=true))]
+    fn load_state_dict<'py>(&self, py: Python<'py>, state_dict: &Bound<'py, PyAny>, strict: bool) -> PyResult<Bound<'py, PyTuple>> {
+        // The mapping is read before locking: reading it runs arbitrary Python code.
+        let report = match self.dtype {
+            Dtype::F32 => {
+                let entries = state_entries::<f32>(state_dict)?;
+                typed::<f32>(&mut lock(py, &self.layer))?.load_state_dict(&entries, strict)?
+            }
+            Dtype::F64 => {
+                let entries = state_entries::<f64>(state_dict)?;
+                typed::<f64>(&mut lock(py, &self.layer))?.load_state_dict(&entries, strict)?
+            }
+        };
+        PyTuple::new(py, [PyList::new(py, report.missing_keys)?, PyList::new(py, report.unexpected_keys)?])
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let momentum = match self.config.momentum {
+            Some(m) => py_float_repr(py, m)?,
+            None => "None".to_string(),
+        };
+        Ok(format!(
+            "BatchNorm2d({}, eps={}, momentum={}, affine={}, track_running_stats={})",
+            self.config.num_features,
+            py_float_repr(py, self.config.eps)?,
+            momentum,
+            py_bool(self.config.affine),
+            py_bool(self.config.track_running_stats)
+        ))
+    }
+}
+
+fn py_bool(value: bool) -> &'static str {
+    if value { "True" } else { "False" }
+}
+
+fn check_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    let Some(device) = device.filter(|d| !d.is_none()) else { return Ok(()) };
+    let name: String = device
+        .cast::<PyString>()
+        .map_err(|_| PyTypeError::new_err(format!("device must be None or a string such as 'cpu', got {}", type_name(device))))?
+        .to_string();
+    if name == "cpu" {
+        return Ok(());
+    }
+    if name == "cuda" || name.starts_with("cuda:") {
+        return Err(Error::Unsupported(format!(
+            "device {name:?} needs the CUDA backend, which this build of batchnorm does not include; use device='cpu'"
+        ))
+        .into());
+    }
+    Err(Error::InvalidArgument(format!("unknown device {name:?}: expected None, 'cpu' or 'cuda'")).into())
+}
+
+fn state_array<T: Float>(py: Python<'_>, tensor: StateTensor<T>) -> PyResult<Bound<'_, PyAny>> {
+    let shape = tensor.shape.clone();
+    Ok(match tensor.values {
+        StateValues::Float(values) => PyArray1::from_vec(py, values).reshape(shape)?.into_any(),
+        StateValues::Int(values) => PyArray1::from_vec(py, values).reshape(shape)?.into_any(),
+    })
+}
+
+/// Reads any mapping of array-likes into state-dict entries: floating values are cast to the
+/// module's dtype and integer or boolean values kept as int64, as PyTorch's `copy_` would.
+fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>) -> PyResult<Vec<(String, StateTensor<T>)>> {
+    let py = mapping.py();
+    let numpy = py.import("numpy")?;
+    let keys = mapping.call_method0("keys").map_err(|_| {
+        PyTypeError::new_err(format!("state_dict must be a mapping of names to arrays, got {}", type_name(mapping)))
+    })?;
+    let mut entries = Vec::new();
+    for key in keys.try_iter()? {
+        let key = key?;
+        let name: String = key
+            .extract()
+            .map_err(|_| PyTypeError::new_err(format!("state_dict keys must be strings, got {}", type_name(&key))))?;
+        let value = numpy.call_method1("asarray", (mapping.get_item(&key)?,))?.cast_into::<PyUntypedArray>()?;
+        let kind = value.dtype().kind();
+        let shape = value.shape().to_vec();
+        let values = match kind {
+            b'f' => StateValues::Float(collect::<T>(&value.call_method1("astype", (dtype::<T>(py),))?)?),
+            b'i' | b'u' | b'b' => StateValues::Int(collect::<i64>(&value.call_method1("astype", (dtype::<i64>(py),))?)?),
+            _ => {
+                return Err(Error::DType { what: format!("state_dict[{name:?}]"), expected: "a real number dtype".into(), got: dtype_name(&value) }.into())
+            }
+        };
+        entries.push((name, StateTensor { shape, values }));
+    }
+    Ok(entries)
+}
+
+fn collect<T: NpElement + Copy>(array: &Bound<'_, PyAny>) -> PyResult<Vec<T>> {
+    let array = array.cast::<PyArrayDyn<T>>()?;
+    Ok(array.readonly().as_array().iter().copied().collect())
+}
+
+/// A (C,) parameter for the functional API, copied (it is O(C)) so any layout works.
+fn param_vec<T: Float>(value: Option<&Bound<'_, PyAny>>, what: &str, channels: usize) -> PyResult<Option<Vec<T>>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
+    let array = typed_array::<T>(value, what)?;
+    if array.shape() != [channels] {
+        return Err(Error::ShapeMismatch { what: what.to_string(), expected: vec![channels], got: array.shape().to_vec() }.into());
+    }
+    Ok(Some(array.readonly().as_array().iter().copied().collect()))
+}
+
+fn writeback<T: Float>(target: Option<&Bound<'_, PyAny>>, values: Option<Vec<T>>) -> PyResult<()> {
+    if let (Some(target), Some(values)) = (target, values) {
+        let array = typed_array::<T>(target, "running buffer")?;
+        array.readwrite().as_array_mut().iter_mut().zip(values).for_each(|(slot, v)| *slot = v);
+    }
+    Ok(())
+}
+
+fn require_writeable(value: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<()> {
+    if let Some(array) = value.and_then(|v| v.cast::<PyUntypedArray>().ok()) {
+        if !is_writeable(&array) {
+            return Err(Error::BadOutput(format!("{what} is updated in place when training, so it must be writeable; got a read-only array")).into());
+        }
+    }
+    Ok(())
+}
+
+fn input_dtype(input: &Bound<'_, PyAny>) -> PyResult<Dtype> {
+    let array = input
+        .cast::<PyUntypedArray>()
+        .map_err(|_| Error::NotAnArray { what: "input".into(), got: type_name(input) })?;
+    Dtype::of_array(array)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_typed<'py, T: Float>(
+    input: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = input.py();
+    let x = readable(typed_array::<T>(input, "input")?)?;
+    let view = tensor_ref(&x, "input")?;
+    let c = view.shape().c;
+    let mut mean = param_vec::<T>(running_mean, "running_mean", c)?;
+    let mut var = param_vec::<T>(running_var, "running_var", c)?;
+    let (w, b) = (param_vec::<T>(weight, "weight", c)?, param_vec::<T>(bias, "bias", c)?);
+    if training {
+        require_writeable(running_mean, "running_mean")?;
+        require_writeable(running_var, "running_var")?;
+    }
+    let y = output::<T>(py, out, x.shape(), &[x.as_untyped()])?;
+    let y_data = out_slice(&y)?;
+    py.detach(|| {
+        functional::batch_norm(&view, y_data, mean.as_deref_mut(), var.as_deref_mut(), w.as_deref(), b.as_deref(), training, momentum, eps)
+    })?;
+    if training {
+        writeback(running_mean, mean)?;
+        writeback(running_var, var)?;
+    }
+    Ok(y.into_any())
+}
+
+/// batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05, *, out=None)
+///
+/// torch.nn.functional.batch_norm on NumPy arrays; the running buffers are updated in place when training.
+#[pyfunction]
+#[pyo3(signature = (input, running_mean, running_var, weight=None, bias=None, training=false, momentum=0.1, eps=1e-5, *, out=None))]
+#[allow(clippy::too_many_arguments)]
+fn batch_norm<'py>(
+    input: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let running_mean = running_mean.filter(|v| !v.is_none());
+    let running_var = running_var.filter(|v| !v.is_none());
+    match input_dtype(input)? {
+        Dtype::F32 => batch_norm_typed::<f32>(input, running_mean, running_var, weight, bias, training, momentum, eps, out),
+        Dtype::F64 => batch_norm_typed::<f64>(input, running_mean, running_var, weight, bias, training, momentum, eps, out),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_backward_typed<'py, T: Float>(
+    grad_output: &Bound<'py, PyAny>,
+    input: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    training: bool,
+    eps: f64,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = input.py();
+    let x = readable(typed_array::<T>(input, "input")?)?;
+    let dy = readable(typed_array::<T>(grad_output, "grad_output")?)?;
+    if dy.shape() != x.shape() {
+        return Err(Error::ShapeMismatch { what: "grad_output (the input's shape)".into(), expected: x.shape().to_vec(), got: dy.shape().to_vec() }.into());
+    }
+    let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
+    let shape = x_view.shape();
+    let mean = param_vec::<T>(running_mean, "running_mean", shape.c)?;
+    let var = param_vec::<T>(running_var, "running_var", shape.c)?;
+    let w = param_vec::<T>(weight, "weight", shape.c)?;
+    let dx = output::<T>(py, out, x.shape(), &[x.as_untyped(), dy.as_untyped()])?;
+    let dx_data = out_slice(&dx)?;
+    let grads = py.detach(|| {
+        let saved = match (training, mean, var) {
+            (true, _, _) => SavedStats::of_batch(&x_view, eps)?,
+            (false, Some(mean), Some(var)) => SavedStats::from_running(shape, &mean, &var, eps)?,
+            (false, _, _) => {
+                return Err(Error::InvalidArgument("running_mean and running_var must be given when training is false".into()))
+            }
+        };
+        functional::batch_norm_backward(&dy_view, &x_view, dx_data, &saved, w.as_deref())
+    })?;
+    PyTuple::new(
+        py,
+        [
+            dx.into_any(),
+            PyArray1::from_vec(py, grads.grad_weight).into_any(),
+            PyArray1::from_vec(py, grads.grad_bias).into_any(),
+        ],
+    )
+}
+
+/// batch_norm_backward(grad_output, input, running_mean=None, running_var=None, weight=None, training=False, eps=1e-05, *, out=None)
+///
+/// The gradients of batch_norm: returns (grad_input, grad_weight, grad_bias).
+#[pyfunction]
+#[pyo3(signature = (grad_output, input, running_mean=None, running_var=None, weight=None, training=false, eps=1e-5, *, out=None))]
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_backward<'py>(
+    grad_output: &Bound<'py, PyAny>,
+    input: &Bound<'py, PyAny>,
+    running_mean: Option<&Bound<'py, PyAny>>,
+    running_var: Option<&Bound<'py, PyAny>>,
+    weight: Option<&Bound<'py, PyAny>>,
+    training: bool,
+    eps: f64,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    match input_dtype(input)? {
+        Dtype::F32 => batch_norm_backward_typed::<f32>(grad_output, input, running_mean, running_var, weight, training, eps, out),
+        Dtype::F64 => batch_norm_backward_typed::<f64>(grad_output, input, running_mean, running_var, weight, training, eps, out),
+    }
+}
+
+/// set_num_threads(n): how many threads the kernels use (default: every core).
+#[pyfunction]
+fn set_num_threads(threads: i64) -> PyResult<()> {
+    if threads <= 0 {
+        return Err(Error::InvalidArgument(format!("number of threads must be a positive integer, got {threads}")).into());
+    }
+    Ok(crate::set_num_threads(threads as usize)?)
+}
+
+/// get_num_threads(): how many threads the kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::get_num_threads()
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyBatchNorm2d>()?;
+    m.add_function(wrap_pyfunction!(batch_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(batch_norm_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    Ok(())
+}

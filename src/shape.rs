@@ -1,0 +1,173 @@
+//! Shapes and strided views of (N, C, H, W) tensors.
+//!
+//! A channel's values are addressed by a *logical position* `0..values_per_channel()`, in
+//! (n, h, w) order. Kernels walk a channel in blocks of logical positions; [`TensorRef::read`]
+//! hands each block over as a slice, borrowed in place when the memory is contiguous and
+//! gathered into a small buffer when it is not (channels-last, Fortran order, negative strides).
+
+use crate::error::{Error, Result};
+
+/// The dimensions of an (N, C, H, W) tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Shape {
+    pub const fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
+        Shape { n, c, h, w }
+    }
+
+    /// Accepts (N, C, H, W), or an unbatched (C, H, W) taken as N = 1.
+    pub fn from_dims(dims: &[usize]) -> Result<Self> {
+        match *dims {
+            [n, c, h, w] => Ok(Shape::new(n, c, h, w)),
+            [c, h, w] => Ok(Shape::new(1, c, h, w)),
+            _ => Err(Error::Rank { what: "input", got: dims.to_vec() }),
+        }
+    }
+
+    pub const fn dims(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+
+    pub const fn channels(&self) -> usize {
+        self.c
+    }
+
+    /// Values in one (n, c) image plane: H·W.
+    pub const fn plane(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Values a channel's statistics run over: N·H·W.
+    pub const fn values_per_channel(&self) -> usize {
+        self.n * self.h * self.w
+    }
+
+    pub const fn numel(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+
+    /// Strides, in elements, of the C-contiguous layout.
+    pub const fn contiguous_strides(&self) -> [isize; 4] {
+        let w = 1;
+        let h = self.w as isize;
+        let c = (self.h * self.w) as isize;
+        let n = (self.c * self.h * self.w) as isize;
+        [n, c, h, w]
+    }
+
+    /// Index in the C-contiguous layout of logical position `pos` of channel `c`.
+    #[inline]
+    pub(crate) fn contiguous_index(&self, c: usize, pos: usize) -> usize {
+        let plane = self.plane();
+        let (n, within) = (pos / plane, pos % plane);
+        (n * self.c + c) * plane + within
+    }
+}
+
+/// A read-only view of an (N, C, H, W) tensor with arbitrary strides (in elements, possibly
+/// negative or zero) into a slice. Construction checks that every element lies inside the slice,
+/// so reads never go out of bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorRef<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    shape: Shape,
+    strides: [isize; 4],
+    /// The longest stretch of logical positions with a constant address step: (length, step).
+    run: (usize, isize),
+}
+
+impl<'a, T: Copy + Default> TensorRef<'a, T> {
+    /// A C-contiguous tensor: `data.len()` must equal `shape.numel()`.
+    pub fn contiguous(data: &'a [T], shape: Shape) -> Result<Self> {
+        if data.len() != shape.numel() {
+            return Err(Error::ShapeMismatch {
+                what: "data length for shape".into(),
+                expected: vec![shape.numel()],
+                got: vec![data.len()],
+            });
+        }
+        Self::strided(data, 0, shape, shape.contiguous_strides())
+    }
+
+    /// A strided tensor whose element (n, c, h, w) is
+    /// `data[offset + n·s0 + c·s1 + h·s2 + w·s3]`.
+    pub fn strided(data: &'a [T], offset: usize, shape: Shape, strides: [isize; 4]) -> Result<Self> {
+        if shape.numel() > 0 {
+            let (mut lowest, mut highest) = (offset as i128, offset as i128);
+            for (&dim, &stride) in shape.dims().iter().zip(&strides) {
+                let reach = (dim as i128 - 1) * stride as i128;
+                if reach < 0 {
+                    lowest += reach;
+                } else {
+                    highest += reach;
+                }
+            }
+            if lowest < 0 || highest >= data.len() as i128 {
+                return Err(Error::OutOfBounds {
+                    what: "strided view",
+                    needed: (highest.max(0) as usize).saturating_add(1),
+                    got: data.len(),
+                });
+            }
+        }
+        let [_, _, sh, sw] = strides;
+        let plane_contiguous = (shape.w <= 1 || sw == 1) && (shape.h <= 1 || sh == shape.w as isize);
+        let run = if plane_contiguous {
+            (shape.plane(), 1)
+        } else if shape.w == 1 {
+            (shape.h, sh)
+        } else {
+            (shape.w, sw)
+        };
+        Ok(TensorRef { data, offset, shape, strides, run })
+    }
+
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// Whether the memory is laid out exactly as a C-contiguous tensor.
+    pub fn is_contiguous(&self) -> bool {
+        let expected = self.shape.contiguous_strides();
+        self.shape.dims().iter().zip(self.strides.iter().zip(&expected)).all(|(&d, (s, e))| d <= 1 || s == e)
+    }
+
+    /// Logical positions from `pos` to the end of the stretch with a constant address step.
+    #[inline]
+    pub(crate) fn run_remaining(&self, pos: usize) -> usize {
+        self.run.0 - pos % self.run.0
+    }
+
+    #[inline]
+    fn address(&self, c: usize, pos: usize) -> usize {
+        let plane = self.shape.plane();
+        let (n, within) = (pos / plane, pos % plane);
+        let (h, w) = (within / self.shape.w, within % self.shape.w);
+        let [sn, sc, sh, sw] = self.strides;
+        let delta = n as isize * sn + c as isize * sc + h as isize * sh + w as isize * sw;
+        (self.offset as isize + delta) as usize
+    }
+
+    /// Values at logical positions `pos..pos + len` of channel `c`, which must not cross the end
+    /// of a run (see [`Self::run_remaining`]). Borrowed when contiguous, else gathered into `buf`.
+    #[inline]
+    pub(crate) fn read<'s>(&'s self, c: usize, pos: usize, len: usize, buf: &'s mut [T]) -> &'s [T] {
+        let start = self.address(c, pos);
+        let step = self.run.1;
+        if step == 1 {
+            return &self.data[start..start + len];
+        }
+        let gathered = &mut buf[..len];
+        for (i, slot) in gathered.iter_mut().enumerate() {
+            *slot = self.data[(start as isize + i as isize * step) as usize];
+        }
+        gathered
+    }
+}
