@@ -1,0 +1,56 @@
+import numpy as np
+
+import batchnorm
+from reference import ReferenceBatchNorm2d
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def tol(dtype):
+    return TOL[np.dtype(dtype).type]
+
+
+def pair(c, dtype=np.float32, **options):
+    """The module under test and the reference, with the same configuration."""
+    return batchnorm.BatchNorm2d(c, dtype=dtype, **options), ReferenceBatchNorm2d(c, **options)
+
+
+def layouts(x):
+    """The same logical tensor in memory layouts the module must read correctly."""
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    padded = np.zeros((x.shape[0] * 2, x.shape[1], x.shape[2] + 2, x.shape[3] * 3), dtype=x.dtype)
+    padded[::2, :, 1:-1, ::3] = x
+    flipped = np.ascontiguousarray(x[:, :, ::-1, ::-1])[:, :, ::-1, ::-1]
+    read_only = x.copy()
+    read_only.setflags(write=False)
+    raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+    unaligned = np.frombuffer(raw.data, dtype=x.dtype, count=x.size, offset=1).reshape(x.shape)
+    unaligned[...] = x
+    return {
+        "c_contiguous": x,
+        "fortran": np.asfortranarray(x),
+        "channels_last": channels_last,
+        "strided_slice": padded[::2, :, 1:-1, ::3],
+        "negative_strides": flipped,
+        "read_only": read_only,
+        "unaligned": unaligned,
+    }
+
+
+def state_snapshot(m):
+    """Everything a failed call must leave untouched."""
+    arrays = {k: v.copy() for k, v in m.state_dict().items()}
+    grads = tuple(None if g is None else g.copy() for g in (m.grad_weight, m.grad_bias))
+    return arrays, grads, m.training
+
+
+def assert_same_state(before, after):
+    (a_arrays, a_grads, a_training), (b_arrays, b_grads, b_training) = before, after
+    assert a_arrays.keys() == b_arrays.keys()
+    for k in a_arrays:
+        np.testing.assert_array_equal(a_arrays[k], b_arrays[k], err_msg=k)
+    for ga, gb in zip(a_grads, b_grads):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            np.testing.assert_array_equal(ga, gb)
+    assert a_training == b_training
