@@ -1,0 +1,80 @@
+"""Property-based tests: any shape, dtype, option set, mode and layout agrees with the reference."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchnorm
+from helpers import layouts, pair
+from reference import ReferenceBatchNorm2d
+
+configs = st.fixed_dictionaries({
+    "momentum": st.one_of(st.none(), st.floats(0.0, 1.0)),
+    "affine": st.booleans(),
+    "bias": st.booleans(),
+    "track_running_stats": st.booleans(),
+    "eps": st.sampled_from([1e-5, 1e-3, 0.1]),
+})
+
+shapes = st.tuples(st.integers(0, 4), st.integers(1, 6), st.integers(1, 6), st.integers(1, 6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=shapes, dtype=st.sampled_from([np.float32, np.float64]), config=configs,
+       modes=st.lists(st.booleans(), min_size=1, max_size=3),
+       layout=st.sampled_from(sorted(layouts(np.zeros((1, 1, 1, 1))).keys())),
+       seed=st.integers(0, 2**32 - 1))
+def test_matches_reference(shape, dtype, config, modes, layout, seed):
+    rng = np.random.default_rng(seed)
+    m, ref = pair(shape[1], dtype, **config)
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    for training in modes:
+        m.train(training)
+        ref.training = training
+        x = (rng.standard_normal(shape) * 3 + rng.uniform(-5, 5)).astype(dtype)
+        x_view = layouts(x)[layout]
+        batch_stats = training or not config["track_running_stats"]
+        if batch_stats and shape[0] * shape[2] * shape[3] == 1:
+            before = m.state_dict()
+            try:
+                m(x_view)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("one value per channel must be refused")
+            for k, v in m.state_dict().items():
+                np.testing.assert_array_equal(v, before[k])
+            continue
+        y = m(x_view)
+        np.testing.assert_allclose(y, ref.forward(x), rtol=rtol, atol=rtol)
+        for name in ("running_mean", "running_var"):
+            if getattr(ref, name) is not None:
+                np.testing.assert_allclose(getattr(m, name), getattr(ref, name), rtol=rtol, atol=rtol)
+        assert m.num_batches_tracked == ref.num_batches_tracked
+        dy = rng.standard_normal(shape).astype(dtype)
+        np.testing.assert_allclose(m.backward(layouts(dy)[layout]), ref.backward(dy), rtol=rtol * 10, atol=rtol * 10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(offset=st.sampled_from([0.0, 1e2, 1e4]), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       shape=st.tuples(st.integers(2, 8), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+       seed=st.integers(0, 2**32 - 1))
+def test_normalized_output_has_zero_mean_unit_variance(offset, scale, shape, seed):
+    x = (np.random.default_rng(seed).standard_normal(shape) * scale + offset).astype(np.float64)
+    y = batchnorm.BatchNorm2d(shape[1], eps=0.0, dtype=np.float64)(x)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-9)
+    np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, rtol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_cumulative_average_is_mean_of_batch_statistics(steps, seed):
+    rng = np.random.default_rng(seed)
+    m = batchnorm.BatchNorm2d(2, momentum=None, dtype=np.float64)
+    ref = ReferenceBatchNorm2d(2, momentum=None)
+    means = []
+    for _ in range(steps):
+        x = rng.standard_normal((3, 2, 2, 2)) + rng.uniform(-3, 3)
+        m(x), ref.forward(x)
+        means.append(x.mean(axis=(0, 2, 3)))
+    np.testing.assert_allclose(m.running_mean, np.mean(means, axis=0), rtol=1e-12, atol=1e-12)
