@@ -49,9 +49,7 @@ pub fn shape_str(shape: &[usize]) -> String {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidArgument(msg) | Error::BadOutput(msg) | Error::StateDict(msg) => {
-                f.write_str(msg)
-            }
+            Error::InvalidArgument(msg) | Error::BadOutput(msg) | Error::StateDict(msg) => f.write_str(msg),
             Error::Unsupported(msg) => f.write_str(msg),
             Error::Rank { what, got } => write!(
                 f,
@@ -64,30 +62,22 @@ impl fmt::Display for Error {
                 "expected input with {expected} channels (num_features), got {got} channels in input of shape {}",
                 shape_str(shape)
             ),
-            Error::ShapeMismatch { what, expected, got } => write!(
-                f,
-                "expected {what} of shape {}, got shape {}",
-                shape_str(expected),
-                shape_str(got)
-            ),
-            Error::OutOfBounds { what, needed, got } => write!(
-                f,
-                "{what} needs at least {needed} elements of storage, got {got}"
-            ),
-            Error::TooFewValues { shape } => write!(
-                f,
-                "Expected more than 1 value per channel when training, got input size {}",
-                shape_str(shape)
-            ),
+            Error::ShapeMismatch { what, expected, got } => {
+                write!(f, "expected {what} of shape {}, got shape {}", shape_str(expected), shape_str(got))
+            }
+            Error::OutOfBounds { what, needed, got } => {
+                write!(f, "{what} needs at least {needed} elements of storage, got {got}")
+            }
+            Error::TooFewValues { shape } => {
+                write!(f, "Expected more than 1 value per channel when training, got input size {}", shape_str(shape))
+            }
             Error::DType { what, expected, got } => {
                 write!(f, "expected {what} of dtype {expected}, got dtype {got}")
             }
             Error::NotAnArray { what, got } => {
                 write!(f, "expected {what} to be a numpy.ndarray, got {got}")
             }
-            Error::NoForward => f.write_str(
-                "backward called before any forward: run the module on an input first",
-            ),
+            Error::NoForward => f.write_str("backward called before any forward: run the module on an input first"),
         }
     }
 }

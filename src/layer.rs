@@ -147,7 +147,8 @@ impl<T: Element> BatchNorm2d<T> {
 
     /// Running mean 0, running variance 1, no batches tracked.
     pub fn reset_running_stats(&mut self) {
-        let fill = |buffer: &mut Option<Vec<T>>, value: f64| buffer.iter_mut().flatten().for_each(|v| *v = T::from_f64(value));
+        let fill =
+            |buffer: &mut Option<Vec<T>>, value: f64| buffer.iter_mut().flatten().for_each(|v| *v = T::from_f64(value));
         fill(&mut self.running_mean, 0.0);
         fill(&mut self.running_var, 1.0);
         if let Some(count) = self.num_batches_tracked.as_mut() {
@@ -205,7 +206,13 @@ impl<T: Element> BatchNorm2d<T> {
 
     /// Writes grad_input for the forward that returned `saved` into `dx`, and adds the weight and
     /// bias gradients into [`Self::grad_weight`] and [`Self::grad_bias`].
-    pub fn backward(&mut self, saved: &SavedStats, x: &TensorRef<'_, T>, dy: &TensorRef<'_, T>, dx: &mut [T]) -> Result<()> {
+    pub fn backward(
+        &mut self,
+        saved: &SavedStats,
+        x: &TensorRef<'_, T>,
+        dy: &TensorRef<'_, T>,
+        dx: &mut [T],
+    ) -> Result<()> {
         self.check_channels(saved.shape())?;
         let grads = batch_norm_backward(dy, x, dx, saved, self.weight.as_deref())?;
         let fresh = !self.has_grad;
@@ -222,7 +229,11 @@ impl<T: Element> BatchNorm2d<T> {
 
     fn check_channels(&self, shape: Shape) -> Result<()> {
         if shape.c != self.config.num_features {
-            return Err(Error::ChannelMismatch { expected: self.config.num_features, got: shape.c, shape: shape.dims().to_vec() });
+            return Err(Error::ChannelMismatch {
+                expected: self.config.num_features,
+                got: shape.c,
+                shape: shape.dims().to_vec(),
+            });
         }
         Ok(())
     }

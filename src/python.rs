@@ -41,7 +41,11 @@ trait Float: Element + NpElement {
 
 /// The layer of element type `T`; the bindings only ever ask for the module's own dtype.
 fn typed<T: Float>(layer: &mut Layer) -> Result<&mut BatchNorm2d<T>> {
-    T::layer_mut(layer).ok_or_else(|| Error::DType { what: "module".into(), expected: T::DTYPE.into(), got: "another dtype".into() })
+    T::layer_mut(layer).ok_or_else(|| Error::DType {
+        what: "module".into(),
+        expected: T::DTYPE.into(),
+        got: "another dtype".into(),
+    })
 }
 
 enum Layer {
@@ -92,7 +96,8 @@ enum Dtype {
 impl Dtype {
     fn parse(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<Dtype> {
         let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(Dtype::F32) };
-        let unsupported = |got: String| Error::DType { what: "module".into(), expected: "float32 or float64".into(), got };
+        let unsupported =
+            |got: String| Error::DType { what: "module".into(), expected: "float32 or float64".into(), got };
         let descr = PyArrayDescr::new(py, value).map_err(|_| unsupported(describe(value)))?;
         if descr.is_equiv_to(&dtype::<f32>(py)) {
             Ok(Dtype::F32)
@@ -134,11 +139,12 @@ fn typed_array<'py, T: Float>(value: &Bound<'py, PyAny>, what: &str) -> Result<B
     let untyped = value
         .cast::<PyUntypedArray>()
         .map_err(|_| Error::NotAnArray { what: what.to_string(), got: type_name(value) })?;
-    let dtype_error = || Error::DType { what: what.to_string(), expected: T::DTYPE.to_string(), got: dtype_name(untyped) };
+    let dtype_error =
+        || Error::DType { what: what.to_string(), expected: T::DTYPE.to_string(), got: dtype_name(untyped) };
     if !untyped.dtype().is_equiv_to(&dtype::<T>(value.py())) {
         return Err(dtype_error());
     }
-    value.cast::<PyArrayDyn<T>>().map(Bound::clone).map_err(|_| dtype_error())
+    value.cast::<PyArrayDyn<T>>().cloned().map_err(|_| dtype_error())
 }
 
 /// Arrays the kernels can read in place: aligned, with strides a multiple of the item size.
@@ -172,7 +178,11 @@ fn byte_span(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
     let (mut low, mut high) = (base as isize, base as isize);
     for (&dim, &stride) in array.shape().iter().zip(array.strides()) {
         let reach = (dim as isize - 1) * stride;
-        if reach < 0 { low += reach } else { high += reach }
+        if reach < 0 {
+            low += reach
+        } else {
+            high += reach
+        }
     }
     (low as usize, high as usize + item)
 }
@@ -198,7 +208,11 @@ fn tensor_ref<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, what: &'static 
     let (mut low, mut high) = (0isize, 0isize);
     for (&dim, &stride) in shape.dims().iter().zip(&strides) {
         let reach = (dim as isize - 1) * stride;
-        if reach < 0 { low += reach } else { high += reach }
+        if reach < 0 {
+            low += reach
+        } else {
+            high += reach
+        }
     }
     // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
     // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
@@ -233,10 +247,14 @@ fn output<'py, T: Float>(
     Ok(array)
 }
 
-fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Result<&'a mut [T]> {
-    // SAFETY: `output` made or checked this array: C-contiguous, writeable, sharing no memory
-    // with any input, and referenced by no other Rust slice during the call.
-    unsafe { array.as_slice_mut() }.map_err(|e| Error::BadOutput(e.to_string()))
+/// The output's elements as a slice the kernels write.
+///
+/// # Safety
+/// `array` must come from [`output`] (C-contiguous, writeable, sharing no memory with any
+/// input), and no other slice of it may be live during the call.
+#[allow(clippy::mut_from_ref)] // the array is the owner; the caller upholds exclusivity
+unsafe fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Result<&'a mut [T]> {
+    array.as_slice_mut().map_err(|e| Error::BadOutput(e.to_string()))
 }
 
 /// Locks a module's state without holding the GIL while waiting, so a long forward on one
@@ -281,7 +299,8 @@ impl PyBatchNorm2d {
         let x = readable(typed_array::<T>(input, "input")?)?;
         let view = tensor_ref(&x, "input")?;
         let y = output::<T>(py, out, x.shape(), &[x.as_untyped()])?;
-        let y_data = out_slice(&y)?;
+        // SAFETY: `y` comes from `output` and nothing else refers to it yet.
+        let y_data = unsafe { out_slice(&y)? };
         let stats = py.detach(|| {
             let mut layer = this.layer.lock().unwrap_or_else(|p| p.into_inner());
             typed::<T>(&mut layer)?.forward(&view, y_data)
@@ -313,7 +332,8 @@ impl PyBatchNorm2d {
         }
         let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
         let dx = output::<T>(py, out, x.shape(), &[x.as_untyped(), dy.as_untyped()])?;
-        let dx_data = out_slice(&dx)?;
+        // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
+        let dx_data = unsafe { out_slice(&dx)? };
         py.detach(|| {
             let mut layer = this.layer.lock().unwrap_or_else(|p| p.into_inner());
             typed::<T>(&mut layer)?.backward(&stats, &x_view, &dy_view, dx_data)
@@ -333,13 +353,23 @@ fn buffer_view<'py, T: Float>(owner: &Bound<'py, PyBatchNorm2d>, data: Option<&[
 }
 
 /// Copies `value` into a (C,) buffer of the module after checking its type, dtype and shape.
-fn assign_buffer<T: Float>(target: Option<&mut [T]>, value: &Bound<'_, PyAny>, name: &str, reason: &str) -> PyResult<()> {
+fn assign_buffer<T: Float>(
+    target: Option<&mut [T]>,
+    value: &Bound<'_, PyAny>,
+    name: &str,
+    reason: &str,
+) -> PyResult<()> {
     let Some(target) = target else {
         return Err(Error::InvalidArgument(format!("cannot assign {name}: this module has none ({reason})")).into());
     };
     let array = typed_array::<T>(value, name)?;
     if array.shape() != [target.len()] {
-        return Err(Error::ShapeMismatch { what: name.to_string(), expected: vec![target.len()], got: array.shape().to_vec() }.into());
+        return Err(Error::ShapeMismatch {
+            what: name.to_string(),
+            expected: vec![target.len()],
+            got: array.shape().to_vec(),
+        }
+        .into());
     }
     let source: Vec<T> = array.readonly().as_array().iter().copied().collect();
     target.copy_from_slice(&source);
@@ -474,7 +504,11 @@ impl PyBatchNorm2d {
 
     /// forward(input, *, out=None): normalizes input; in training mode updates the running statistics.
     #[pyo3(signature = (input, *, out=None))]
-    fn forward<'py>(slf: &Bound<'py, Self>, input: &Bound<'py, PyAny>, out: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn forward<'py>(
+        slf: &Bound<'py, Self>,
+        input: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         match slf.get().dtype {
             Dtype::F32 => Self::forward_typed::<f32>(slf, input, out).map(Bound::into_any),
             Dtype::F64 => Self::forward_typed::<f64>(slf, input, out).map(Bound::into_any),
@@ -482,13 +516,21 @@ impl PyBatchNorm2d {
     }
 
     #[pyo3(signature = (input, *, out=None))]
-    fn __call__<'py>(slf: &Bound<'py, Self>, input: &Bound<'py, PyAny>, out: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        input: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         Self::forward(slf, input, out)
     }
 
     /// backward(grad_output, *, out=None): grad_input for the most recent forward; adds into grad_weight and grad_bias.
     #[pyo3(signature = (grad_output, *, out=None))]
-    fn backward<'py>(slf: &Bound<'py, Self>, grad_output: &Bound<'py, PyAny>, out: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn backward<'py>(
+        slf: &Bound<'py, Self>,
+        grad_output: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         match slf.get().dtype {
             Dtype::F32 => Self::backward_typed::<f32>(slf, grad_output, out).map(Bound::into_any),
             Dtype::F64 => Self::backward_typed::<f64>(slf, grad_output, out).map(Bound::into_any),
@@ -535,7 +577,12 @@ impl PyBatchNorm2d {
 
     /// load_state_dict(state_dict, strict=True) -> (missing_keys, unexpected_keys)
     #[pyo3(signature = (state_dict, strict=true))]
-    fn load_state_dict<'py>(&self, py: Python<'py>, state_dict: &Bound<'py, PyAny>, strict: bool) -> PyResult<Bound<'py, PyTuple>> {
+    fn load_state_dict<'py>(
+        &self,
+        py: Python<'py>,
+        state_dict: &Bound<'py, PyAny>,
+        strict: bool,
+    ) -> PyResult<Bound<'py, PyTuple>> {
         // The mapping is read before locking: reading it runs arbitrary Python code.
         let report = match self.dtype {
             Dtype::F32 => {
@@ -556,25 +603,32 @@ impl PyBatchNorm2d {
             None => "None".to_string(),
         };
         Ok(format!(
-            "BatchNorm2d({}, eps={}, momentum={}, affine={}, track_running_stats={})",
+            "BatchNorm2d({}, eps={}, momentum={}, affine={}, bias={}, track_running_stats={})",
             self.config.num_features,
             py_float_repr(py, self.config.eps)?,
             momentum,
             py_bool(self.config.affine),
+            py_bool(self.config.affine && self.config.bias),
             py_bool(self.config.track_running_stats)
         ))
     }
 }
 
 fn py_bool(value: bool) -> &'static str {
-    if value { "True" } else { "False" }
+    if value {
+        "True"
+    } else {
+        "False"
+    }
 }
 
 fn check_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
     let Some(device) = device.filter(|d| !d.is_none()) else { return Ok(()) };
     let name: String = device
         .cast::<PyString>()
-        .map_err(|_| PyTypeError::new_err(format!("device must be None or a string such as 'cpu', got {}", type_name(device))))?
+        .map_err(|_| {
+            PyTypeError::new_err(format!("device must be None or a string such as 'cpu', got {}", type_name(device)))
+        })?
         .to_string();
     if name == "cpu" {
         return Ok(());
@@ -615,9 +669,16 @@ fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>) -> PyResult<Vec<(String, 
         let shape = value.shape().to_vec();
         let values = match kind {
             b'f' => StateValues::Float(collect::<T>(&value.call_method1("astype", (dtype::<T>(py),))?)?),
-            b'i' | b'u' | b'b' => StateValues::Int(collect::<i64>(&value.call_method1("astype", (dtype::<i64>(py),))?)?),
+            b'i' | b'u' | b'b' => {
+                StateValues::Int(collect::<i64>(&value.call_method1("astype", (dtype::<i64>(py),))?)?)
+            }
             _ => {
-                return Err(Error::DType { what: format!("state_dict[{name:?}]"), expected: "a real number dtype".into(), got: dtype_name(&value) }.into())
+                return Err(Error::DType {
+                    what: format!("state_dict[{name:?}]"),
+                    expected: "a real number dtype".into(),
+                    got: dtype_name(&value),
+                }
+                .into())
             }
         };
         entries.push((name, StateTensor { shape, values }));
@@ -635,7 +696,12 @@ fn param_vec<T: Float>(value: Option<&Bound<'_, PyAny>>, what: &str, channels: u
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
     let array = typed_array::<T>(value, what)?;
     if array.shape() != [channels] {
-        return Err(Error::ShapeMismatch { what: what.to_string(), expected: vec![channels], got: array.shape().to_vec() }.into());
+        return Err(Error::ShapeMismatch {
+            what: what.to_string(),
+            expected: vec![channels],
+            got: array.shape().to_vec(),
+        }
+        .into());
     }
     Ok(Some(array.readonly().as_array().iter().copied().collect()))
 }
@@ -650,8 +716,11 @@ fn writeback<T: Float>(target: Option<&Bound<'_, PyAny>>, values: Option<Vec<T>>
 
 fn require_writeable(value: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<()> {
     if let Some(array) = value.and_then(|v| v.cast::<PyUntypedArray>().ok()) {
-        if !is_writeable(&array) {
-            return Err(Error::BadOutput(format!("{what} is updated in place when training, so it must be writeable; got a read-only array")).into());
+        if !is_writeable(array) {
+            return Err(Error::BadOutput(format!(
+                "{what} is updated in place when training, so it must be writeable; got a read-only array"
+            ))
+            .into());
         }
     }
     Ok(())
@@ -688,9 +757,20 @@ fn batch_norm_typed<'py, T: Float>(
         require_writeable(running_var, "running_var")?;
     }
     let y = output::<T>(py, out, x.shape(), &[x.as_untyped()])?;
-    let y_data = out_slice(&y)?;
+    // SAFETY: `y` comes from `output` and nothing else refers to it yet.
+    let y_data = unsafe { out_slice(&y)? };
     py.detach(|| {
-        functional::batch_norm(&view, y_data, mean.as_deref_mut(), var.as_deref_mut(), w.as_deref(), b.as_deref(), training, momentum, eps)
+        functional::batch_norm(
+            &view,
+            y_data,
+            mean.as_deref_mut(),
+            var.as_deref_mut(),
+            w.as_deref(),
+            b.as_deref(),
+            training,
+            momentum,
+            eps,
+        )
     })?;
     if training {
         writeback(running_mean, mean)?;
@@ -719,8 +799,12 @@ fn batch_norm<'py>(
     let running_mean = running_mean.filter(|v| !v.is_none());
     let running_var = running_var.filter(|v| !v.is_none());
     match input_dtype(input)? {
-        Dtype::F32 => batch_norm_typed::<f32>(input, running_mean, running_var, weight, bias, training, momentum, eps, out),
-        Dtype::F64 => batch_norm_typed::<f64>(input, running_mean, running_var, weight, bias, training, momentum, eps, out),
+        Dtype::F32 => {
+            batch_norm_typed::<f32>(input, running_mean, running_var, weight, bias, training, momentum, eps, out)
+        }
+        Dtype::F64 => {
+            batch_norm_typed::<f64>(input, running_mean, running_var, weight, bias, training, momentum, eps, out)
+        }
     }
 }
 
@@ -739,7 +823,12 @@ fn batch_norm_backward_typed<'py, T: Float>(
     let x = readable(typed_array::<T>(input, "input")?)?;
     let dy = readable(typed_array::<T>(grad_output, "grad_output")?)?;
     if dy.shape() != x.shape() {
-        return Err(Error::ShapeMismatch { what: "grad_output (the input's shape)".into(), expected: x.shape().to_vec(), got: dy.shape().to_vec() }.into());
+        return Err(Error::ShapeMismatch {
+            what: "grad_output (the input's shape)".into(),
+            expected: x.shape().to_vec(),
+            got: dy.shape().to_vec(),
+        }
+        .into());
     }
     let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
     let shape = x_view.shape();
@@ -747,13 +836,16 @@ fn batch_norm_backward_typed<'py, T: Float>(
     let var = param_vec::<T>(running_var, "running_var", shape.c)?;
     let w = param_vec::<T>(weight, "weight", shape.c)?;
     let dx = output::<T>(py, out, x.shape(), &[x.as_untyped(), dy.as_untyped()])?;
-    let dx_data = out_slice(&dx)?;
+    // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
+    let dx_data = unsafe { out_slice(&dx)? };
     let grads = py.detach(|| {
         let saved = match (training, mean, var) {
             (true, _, _) => SavedStats::of_batch(&x_view, eps)?,
             (false, Some(mean), Some(var)) => SavedStats::from_running(shape, &mean, &var, eps)?,
             (false, _, _) => {
-                return Err(Error::InvalidArgument("running_mean and running_var must be given when training is false".into()))
+                return Err(Error::InvalidArgument(
+                    "running_mean and running_var must be given when training is false".into(),
+                ))
             }
         };
         functional::batch_norm_backward(&dy_view, &x_view, dx_data, &saved, w.as_deref())
@@ -785,8 +877,12 @@ fn batch_norm_backward<'py>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     match input_dtype(input)? {
-        Dtype::F32 => batch_norm_backward_typed::<f32>(grad_output, input, running_mean, running_var, weight, training, eps, out),
-        Dtype::F64 => batch_norm_backward_typed::<f64>(grad_output, input, running_mean, running_var, weight, training, eps, out),
+        Dtype::F32 => {
+            batch_norm_backward_typed::<f32>(grad_output, input, running_mean, running_var, weight, training, eps, out)
+        }
+        Dtype::F64 => {
+            batch_norm_backward_typed::<f64>(grad_output, input, running_mean, running_var, weight, training, eps, out)
+        }
     }
 }
 
@@ -794,7 +890,9 @@ fn batch_norm_backward<'py>(
 #[pyfunction]
 fn set_num_threads(threads: i64) -> PyResult<()> {
     if threads <= 0 {
-        return Err(Error::InvalidArgument(format!("number of threads must be a positive integer, got {threads}")).into());
+        return Err(
+            Error::InvalidArgument(format!("number of threads must be a positive integer, got {threads}")).into()
+        );
     }
     Ok(crate::set_num_threads(threads as usize)?)
 }

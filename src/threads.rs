@@ -38,9 +38,7 @@ pub(crate) fn pool() -> Result<Arc<ThreadPool>> {
 /// finish on the pool they started with.
 pub fn set_num_threads(threads: usize) -> Result<()> {
     if threads == 0 {
-        return Err(Error::InvalidArgument(
-            "number of threads must be a positive integer, got 0".into(),
-        ));
+        return Err(Error::InvalidArgument("number of threads must be a positive integer, got 0".into()));
     }
     let pool = Arc::new(build(threads)?);
     *slot() = Some(pool);

@@ -244,9 +244,9 @@ def test_train_eval_return_module():
 
 def test_attributes_and_repr():
     m = batchnorm.BatchNorm2d(100)
-    assert repr(m) == "BatchNorm2d(100, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)"
+    assert repr(m) == "BatchNorm2d(100, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)"
     m = batchnorm.BatchNorm2d(3, eps=0.001, momentum=None, affine=False, track_running_stats=False, dtype="float64")
-    assert repr(m) == "BatchNorm2d(3, eps=0.001, momentum=None, affine=False, track_running_stats=False)"
+    assert repr(m) == "BatchNorm2d(3, eps=0.001, momentum=None, affine=False, bias=False, track_running_stats=False)"
     assert (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats) == (3, 0.001, None, False, False)
     assert m.weight is None and m.bias is None and m.running_mean is None and m.num_batches_tracked is None
     assert m.dtype == np.float64 and m.device == "cpu"

@@ -85,10 +85,7 @@ impl Plan {
 
     /// Folds per-part results into per-channel results.
     pub fn merge<R: Copy>(&self, partials: Vec<R>, combine: impl Fn(R, R) -> R) -> Vec<R> {
-        partials
-            .chunks(self.parts_per_channel)
-            .filter_map(|chunk| chunk.iter().copied().reduce(&combine))
-            .collect()
+        partials.chunks(self.parts_per_channel).filter_map(|chunk| chunk.iter().copied().reduce(&combine)).collect()
     }
 }
 

@@ -1,0 +1,252 @@
+//! The pure-Rust core against a plain scalar f64 implementation, on every kernel path:
+//! sequential, parallel by channel, split within a channel, and strided (gathered) inputs.
+
+use batchnorm::functional::{batch_norm, batch_norm_backward};
+use batchnorm::{BatchNorm2d, Config, Error, SavedStats, Shape, StateTensor, TensorRef};
+
+/// Deterministic pseudo-random values with an offset (a small LCG; no extra dependency).
+fn data(len: usize, seed: u64, offset: f64) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            offset + ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0
+        })
+        .collect()
+}
+
+fn at(shape: Shape, n: usize, c: usize, hw: usize) -> usize {
+    (n * shape.c + c) * shape.plane() + hw
+}
+
+/// The plain scalar path: per-channel mean and biased variance, then the normalization.
+fn scalar_forward(x: &[f64], shape: Shape, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let m = shape.values_per_channel() as f64;
+    let mut y = vec![0.0; x.len()];
+    let (mut means, mut vars) = (vec![], vec![]);
+    for c in 0..shape.c {
+        let values: Vec<f64> = (0..shape.n)
+            .flat_map(|n| (0..shape.plane()).map(move |i| (n, i)))
+            .map(|(n, i)| x[at(shape, n, c, i)])
+            .collect();
+        let mean = values.iter().sum::<f64>() / m;
+        let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / m;
+        for n in 0..shape.n {
+            for i in 0..shape.plane() {
+                y[at(shape, n, c, i)] = (x[at(shape, n, c, i)] - mean) / (var + eps).sqrt();
+            }
+        }
+        means.push(mean);
+        vars.push(var);
+    }
+    (y, means, vars)
+}
+
+fn assert_close(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "index {i}: got {g}, want {w}");
+    }
+}
+
+/// Every plan the CPU backend can choose: tiny (sequential), many channels (one task per
+/// channel), few channels (split within channels), one image (split within a plane).
+const SHAPES: [Shape; 5] = [
+    Shape::new(2, 3, 4, 5),
+    Shape::new(4, 64, 16, 16),
+    Shape::new(8, 3, 64, 64),
+    Shape::new(1, 1, 300, 300),
+    Shape::new(3, 2, 1, 1),
+];
+
+#[test]
+fn training_forward_matches_scalar_path_on_every_plan() {
+    for shape in SHAPES {
+        let x = data(shape.numel(), 1, 100.0);
+        let (want, means, vars) = scalar_forward(&x, shape, 1e-5);
+        let mut layer = BatchNorm2d::<f64>::new(Config::new(shape.c)).unwrap();
+        let mut y = vec![0.0; shape.numel()];
+        let saved = layer.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+        assert_close(&y, &want, 1e-10);
+        assert_close(saved.mean(), &means, 1e-12);
+        let count = shape.values_per_channel() as f64;
+        let running: Vec<f64> = vars.iter().map(|v| 0.9 + 0.1 * v * count / (count - 1.0)).collect();
+        assert_close(layer.running_var().unwrap(), &running, 1e-12);
+    }
+}
+
+#[test]
+fn float32_statistics_are_accurate_on_offset_data() {
+    let shape = Shape::new(8, 3, 64, 64);
+    let x64 = data(shape.numel(), 2, 1e4);
+    let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
+    let exact: Vec<f64> = x32.iter().map(|&v| f64::from(v)).collect();
+    let (want, _, _) = scalar_forward(&exact, shape, 1e-5);
+    let mut y = vec![0.0f32; shape.numel()];
+    BatchNorm2d::<f32>::new(Config::new(3))
+        .unwrap()
+        .forward(&TensorRef::contiguous(&x32, shape).unwrap(), &mut y)
+        .unwrap();
+    let err: f64 = y.iter().zip(&want).map(|(&g, w)| (f64::from(g) - w).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+    assert!(err / norm < 1e-6, "relative error {}", err / norm);
+}
+
+#[test]
+fn strided_views_match_contiguous() {
+    let shape = Shape::new(3, 4, 5, 6);
+    let x = data(shape.numel(), 3, -2.0);
+    // The same tensor stored channels-last: element (n, c, h, w) at ((n·H + h)·W + w)·C + c.
+    let mut nhwc = vec![0.0; x.len()];
+    for n in 0..3 {
+        for c in 0..4 {
+            for i in 0..30 {
+                nhwc[(n * 30 + i) * 4 + c] = x[at(shape, n, c, i)];
+            }
+        }
+    }
+    let channels_last = TensorRef::strided(&nhwc, 0, shape, [120, 1, 24, 4]).unwrap();
+    assert!(!channels_last.is_contiguous());
+    // And reversed along W: negative strides from the last element of each row.
+    let mut reversed = vec![0.0; x.len()];
+    for row in 0..(3 * 4 * 5) {
+        for w in 0..6 {
+            reversed[row * 6 + 5 - w] = x[row * 6 + w];
+        }
+    }
+    let flipped = TensorRef::strided(&reversed, 5, shape, [120, 30, 6, -1]).unwrap();
+    let (want, _, _) = scalar_forward(&x, shape, 1e-5);
+    for view in [channels_last, flipped] {
+        let mut y = vec![0.0; x.len()];
+        BatchNorm2d::<f64>::new(Config::new(4)).unwrap().forward(&view, &mut y).unwrap();
+        assert_close(&y, &want, 1e-12);
+    }
+}
+
+#[test]
+fn strided_view_out_of_bounds_is_an_error() {
+    let data = vec![0.0f32; 10];
+    let err = TensorRef::strided(&data, 0, Shape::new(1, 2, 2, 2), [8, 8, 2, 1]).unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { .. }), "{err}");
+    let err = TensorRef::strided(&data, 0, Shape::new(1, 1, 1, 2), [1, 1, 1, -1]).unwrap_err();
+    assert!(matches!(err, Error::OutOfBounds { .. }), "{err}");
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    let shape = Shape::new(2, 2, 2, 3);
+    let x = data(shape.numel(), 4, 1.0);
+    let probe = data(shape.numel(), 5, 0.0);
+    let weight = vec![1.5, -0.5];
+    let loss = |x: &[f64]| {
+        let mut y = vec![0.0; x.len()];
+        batch_norm(&TensorRef::contiguous(x, shape).unwrap(), &mut y, None, None, Some(&weight), None, true, 0.1, 1e-3)
+            .unwrap();
+        y.iter().zip(&probe).map(|(a, b)| a * b).sum::<f64>()
+    };
+    let saved = SavedStats::of_batch(&TensorRef::contiguous(&x, shape).unwrap(), 1e-3).unwrap();
+    let mut dx = vec![0.0; x.len()];
+    let dy = TensorRef::contiguous(&probe, shape).unwrap();
+    batch_norm_backward(&dy, &TensorRef::contiguous(&x, shape).unwrap(), &mut dx, &saved, Some(&weight)).unwrap();
+    for i in 0..x.len() {
+        let (mut up, mut down) = (x.clone(), x.clone());
+        up[i] += 1e-6;
+        down[i] -= 1e-6;
+        let numeric = (loss(&up) - loss(&down)) / 2e-6;
+        assert!((numeric - dx[i]).abs() < 1e-6, "index {i}: {numeric} vs {}", dx[i]);
+    }
+}
+
+#[test]
+fn split_and_whole_channel_backward_agree() {
+    // (8, 3, 64, 64) splits each channel across tasks; the same data as 3 separate
+    // single-channel calls on (8, 1, 64, 64) must give the same gradients.
+    let shape = Shape::new(8, 3, 64, 64);
+    let (x, g) = (data(shape.numel(), 6, 3.0), data(shape.numel(), 7, 0.0));
+    let run = |x: &[f64], g: &[f64], shape: Shape| {
+        let mut layer = BatchNorm2d::<f64>::new(Config::new(shape.c)).unwrap();
+        let mut y = vec![0.0; x.len()];
+        let xr = TensorRef::contiguous(x, shape).unwrap();
+        let saved = layer.forward(&xr, &mut y).unwrap();
+        let mut dx = vec![0.0; x.len()];
+        layer.backward(&saved, &xr, &TensorRef::contiguous(g, shape).unwrap(), &mut dx).unwrap();
+        (dx, layer.grad_weight().unwrap().to_vec())
+    };
+    let (dx, grad_weight) = run(&x, &g, shape);
+    for c in 0..3 {
+        let pick = |v: &[f64]| -> Vec<f64> {
+            (0..8).flat_map(|n| v[at(shape, n, c, 0)..at(shape, n, c, 0) + 4096].to_vec()).collect()
+        };
+        let (dx_c, gw_c) = run(&pick(&x), &pick(&g), Shape::new(8, 1, 64, 64));
+        assert_close(&pick(&dx), &dx_c, 1e-10);
+        assert_close(&grad_weight[c..c + 1], &gw_c, 1e-9);
+    }
+}
+
+#[test]
+fn failed_calls_change_nothing() {
+    let mut layer = BatchNorm2d::<f32>::new(Config::new(2)).unwrap();
+    let one_value = vec![1.0f32, 2.0];
+    let shape = Shape::new(1, 2, 1, 1);
+    let mut y = vec![0.0; 2];
+    let err = layer.forward(&TensorRef::contiguous(&one_value, shape).unwrap(), &mut y).unwrap_err();
+    assert!(err.to_string().contains("Expected more than 1 value per channel"), "{err}");
+    assert_eq!(layer.num_batches_tracked(), Some(0));
+    assert_eq!(layer.running_mean(), Some(&[0.0, 0.0][..]));
+    let wrong_channels = vec![0.0f32; 6];
+    let err = layer
+        .forward(&TensorRef::contiguous(&wrong_channels, Shape::new(2, 3, 1, 1)).unwrap(), &mut [0.0; 6])
+        .unwrap_err();
+    assert!(matches!(err, Error::ChannelMismatch { expected: 2, got: 3, .. }));
+    assert_eq!(layer.num_batches_tracked(), Some(0));
+}
+
+#[test]
+fn num_features_zero_is_rejected() {
+    assert!(matches!(BatchNorm2d::<f64>::new(Config::new(0)), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn state_dict_round_trip_and_strict_errors() {
+    let mut a = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
+    a.weight_mut().unwrap().copy_from_slice(&[1.0, 2.0, 3.0]);
+    let entries: Vec<(String, StateTensor<f32>)> =
+        a.state_dict().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut b = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
+    assert_eq!(b.load_state_dict(&entries, true).unwrap(), Default::default());
+    assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));
+
+    let mut partial = entries.clone();
+    partial.retain(|(k, _)| k != "bias");
+    partial.push(("extra".into(), StateTensor::float(vec![0.0])));
+    let err = b.load_state_dict(&partial, true).unwrap_err().to_string();
+    assert!(err.contains("\"bias\"") && err.contains("\"extra\""), "{err}");
+    let report = b.load_state_dict(&partial, false).unwrap();
+    assert_eq!((report.missing_keys, report.unexpected_keys), (vec!["bias".to_string()], vec!["extra".to_string()]));
+
+    let mut wrong = entries;
+    wrong[0].1 = StateTensor::float(vec![9.0; 4]);
+    let err = b.load_state_dict(&wrong, false).unwrap_err().to_string();
+    assert!(err.contains("weight") && err.contains("(4,)") && err.contains("(3,)"), "{err}");
+    assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));
+}
+
+#[test]
+fn thread_counts_give_the_same_answer() {
+    let shape = Shape::new(4, 5, 60, 60);
+    let x = data(shape.numel(), 8, 7.0);
+    let mut outputs = vec![];
+    for threads in [1, 2, 4] {
+        batchnorm::set_num_threads(threads).unwrap();
+        let mut y = vec![0.0; x.len()];
+        BatchNorm2d::<f64>::new(Config::new(5))
+            .unwrap()
+            .forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y)
+            .unwrap();
+        outputs.push(y);
+    }
+    assert!(batchnorm::set_num_threads(0).is_err());
+    for y in &outputs[1..] {
+        assert_close(y, &outputs[0], 1e-12);
+    }
+}
