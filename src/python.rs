@@ -384,6 +384,7 @@ fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
 impl PyBatchNorm2d {
     #[new]
     #[pyo3(signature = (num_features, eps=1e-5, momentum=Some(0.1), affine=true, track_running_stats=true, device=None, dtype=None, *, bias=true))]
+    #[pyo3(text_signature = "(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

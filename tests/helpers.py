@@ -1,6 +1,7 @@
 import numpy as np
 
 import batchnorm
+
 from reference import ReferenceBatchNorm2d
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -49,7 +50,7 @@ def assert_same_state(before, after):
     assert a_arrays.keys() == b_arrays.keys()
     for k in a_arrays:
         np.testing.assert_array_equal(a_arrays[k], b_arrays[k], err_msg=k)
-    for ga, gb in zip(a_grads, b_grads):
+    for ga, gb in zip(a_grads, b_grads, strict=True):
         assert (ga is None) == (gb is None)
         if ga is not None:
             np.testing.assert_array_equal(ga, gb)

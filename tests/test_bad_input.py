@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import batchnorm
+
 from helpers import assert_same_state, state_snapshot
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from batchnorm.functional import batch_norm, batch_norm_backward
+
 from helpers import tol
 from reference import ReferenceBatchNorm2d
 

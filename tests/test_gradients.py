@@ -69,5 +69,5 @@ def test_module_backward_matches_finite_differences(rng, options, training):
     np.testing.assert_allclose(dx, numeric[0], rtol=1e-5, atol=1e-7)
     analytic = [g for g in (m.grad_weight, m.grad_bias) if g is not None]
     assert len(analytic) == len(params)
-    for got, want in zip(analytic, numeric[1:]):
+    for got, want in zip(analytic, numeric[1:], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

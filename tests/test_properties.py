@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchnorm
+
 from helpers import layouts, pair
 from reference import ReferenceBatchNorm2d
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import batchnorm
+
 from helpers import layouts, pair, tol
 
 SHAPES = [
@@ -269,8 +270,9 @@ def test_state_dict_keys_and_dtypes():
     assert list(sd) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     assert sd["weight"].dtype == np.float32 and sd["weight"].shape == (4,)
     assert sd["num_batches_tracked"].dtype == np.int64 and sd["num_batches_tracked"].shape == ()
-    assert list(batchnorm.BatchNorm2d(4, bias=False).state_dict()) == ["weight", "running_mean", "running_var", "num_batches_tracked"]
-    assert list(batchnorm.BatchNorm2d(4, affine=False).state_dict()) == ["running_mean", "running_var", "num_batches_tracked"]
+    buffers = ["running_mean", "running_var", "num_batches_tracked"]
+    assert list(batchnorm.BatchNorm2d(4, bias=False).state_dict()) == ["weight", *buffers]
+    assert list(batchnorm.BatchNorm2d(4, affine=False).state_dict()) == buffers
     assert list(batchnorm.BatchNorm2d(4, track_running_stats=False).state_dict()) == ["weight", "bias"]
     assert batchnorm.BatchNorm2d(4, dtype=np.float64).state_dict()["running_var"].dtype == np.float64
 

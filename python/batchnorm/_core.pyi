@@ -1,16 +1,20 @@
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
+
+__all__ = ["BatchNorm2d", "batch_norm", "batch_norm_backward", "get_num_threads", "set_num_threads"]
 
 _Array = npt.NDArray[np.floating[Any]]
 
+@disjoint_base
 class BatchNorm2d:
     """Batch normalization over (N, C, H, W) or unbatched (C, H, W) NumPy arrays."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         num_features: int,
         eps: float = 1e-05,
         momentum: float | None = 0.1,
@@ -20,7 +24,7 @@ class BatchNorm2d:
         dtype: npt.DTypeLike | None = None,
         *,
         bias: bool = True,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def num_features(self) -> int: ...
     @property
