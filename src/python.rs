@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 use ndarray::ArrayView1;
 use numpy::npyffi::flags::{NPY_ARRAY_ALIGNED, NPY_ARRAY_WRITEABLE};
 use numpy::{
-    dtype, Element as NpElement, IxDyn, PyArray, PyArray1, PyArrayDescr, PyArrayDescrMethods, PyArrayDyn,
-    PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+    dtype, Element as NpElement, PyArray1, PyArrayDescr, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -226,25 +226,28 @@ fn output<'py, T: Float>(
     out: Option<&Bound<'py, PyAny>>,
     dims: &[usize],
     inputs: &[&Bound<'py, PyUntypedArray>],
-) -> Result<Bound<'py, PyArrayDyn<T>>> {
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
-        // SAFETY: every element is written by the kernel before the array is returned.
-        return Ok(unsafe { PyArray::<T, IxDyn>::new(py, dims, false) });
+        // Through numpy.empty, so an impossible size raises NumPy's MemoryError.
+        let fresh = py.import("numpy")?.call_method1("empty", (dims.to_vec(), dtype::<T>(py)))?;
+        return Ok(fresh.cast_into::<PyArrayDyn<T>>()?);
     };
     let array = typed_array::<T>(out, "out")?;
-    if array.shape() != dims {
-        return Err(Error::ShapeMismatch { what: "out".into(), expected: dims.to_vec(), got: array.shape().to_vec() });
+    let problem = if array.shape() != dims {
+        Some(Error::ShapeMismatch { what: "out".into(), expected: dims.to_vec(), got: array.shape().to_vec() })
+    } else if !array.is_c_contiguous() {
+        Some(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()))
+    } else if !is_writeable(array.as_untyped()) {
+        Some(Error::BadOutput("out must be writeable, got a read-only array".into()))
+    } else if inputs.iter().any(|input| overlaps(array.as_untyped(), input)) {
+        Some(Error::BadOutput("out must not share memory with an input".into()))
+    } else {
+        None
+    };
+    match problem {
+        Some(error) => Err(error.into()),
+        None => Ok(array),
     }
-    if !array.is_c_contiguous() {
-        return Err(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()));
-    }
-    if !is_writeable(array.as_untyped()) {
-        return Err(Error::BadOutput("out must be writeable, got a read-only array".into()));
-    }
-    if inputs.iter().any(|input| overlaps(array.as_untyped(), input)) {
-        return Err(Error::BadOutput("out must not share memory with an input".into()));
-    }
-    Ok(array)
 }
 
 /// The output's elements as a slice the kernels write.
@@ -384,7 +387,9 @@ fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
 impl PyBatchNorm2d {
     #[new]
     #[pyo3(signature = (num_features, eps=1e-5, momentum=Some(0.1), affine=true, track_running_stats=true, device=None, dtype=None, *, bias=true))]
-    #[pyo3(text_signature = "(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)")]
+    #[pyo3(
+        text_signature = "(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

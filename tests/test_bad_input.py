@@ -197,3 +197,11 @@ def test_load_state_dict_bad_values(trained, state, error):
 def test_set_num_threads_rejects_non_positive():
     with pytest.raises(ValueError, match="positive"):
         batchnorm.set_num_threads(0)
+
+
+def test_impossible_output_size_is_a_memory_error(trained):
+    before = state_snapshot(trained)
+    huge = np.broadcast_to(np.float32(1), (2**34, 3, 2**12, 2**12))  # zero strides: no memory behind it
+    with pytest.raises(MemoryError):
+        trained(huge)
+    assert_same_state(before, state_snapshot(trained))
