@@ -6,6 +6,46 @@ use crate::functional::{batch_norm, batch_norm_backward, SavedStats};
 use crate::shape::{Shape, TensorRef};
 use crate::state::{quoted_list, size_mismatch, LoadReport, StateTensor};
 
+/// The state-dict key of the batch counter.
+const NUM_BATCHES_TRACKED: &str = "num_batches_tracked";
+
+/// The (C,) arrays a layer can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Buffer {
+    Weight,
+    Bias,
+    RunningMean,
+    RunningVar,
+    GradWeight,
+    GradBias,
+}
+
+impl Buffer {
+    /// The float entries of a state dict, in PyTorch's order.
+    pub const STATE: [Buffer; 4] = [Buffer::Weight, Buffer::Bias, Buffer::RunningMean, Buffer::RunningVar];
+
+    /// PyTorch's name (the state-dict key, or the attribute for gradients).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Buffer::Weight => "weight",
+            Buffer::Bias => "bias",
+            Buffer::RunningMean => "running_mean",
+            Buffer::RunningVar => "running_var",
+            Buffer::GradWeight => "grad_weight",
+            Buffer::GradBias => "grad_bias",
+        }
+    }
+
+    /// The configuration that leaves this buffer out.
+    pub const fn absent_when(self) -> &'static str {
+        match self {
+            Buffer::Weight | Buffer::GradWeight => "affine=False",
+            Buffer::Bias | Buffer::GradBias => "affine=False or bias=False",
+            Buffer::RunningMean | Buffer::RunningVar => "track_running_stats=False",
+        }
+    }
+}
+
 /// The constructor arguments of `torch.nn.BatchNorm2d`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -99,45 +139,51 @@ impl<T: Element> BatchNorm2d<T> {
     pub fn set_training(&mut self, training: bool) {
         self.training = training;
     }
-    pub fn weight(&self) -> Option<&[T]> {
-        self.weight.as_deref()
+    /// One of the layer's (C,) arrays; `None` where the configuration has none (and, for the
+    /// gradients, before the first backward since [`Self::zero_grad`]).
+    pub fn buffer(&self, which: Buffer) -> Option<&[T]> {
+        match which {
+            Buffer::Weight => self.weight.as_deref(),
+            Buffer::Bias => self.bias.as_deref(),
+            Buffer::RunningMean => self.running_mean.as_deref(),
+            Buffer::RunningVar => self.running_var.as_deref(),
+            Buffer::GradWeight => self.grad_weight.as_deref().filter(|_| self.has_grad),
+            Buffer::GradBias => self.grad_bias.as_deref().filter(|_| self.has_grad),
+        }
     }
-    pub fn weight_mut(&mut self) -> Option<&mut [T]> {
-        self.weight.as_deref_mut()
+    /// The same array, to write in place (an optimizer step, or loading values).
+    pub fn buffer_mut(&mut self, which: Buffer) -> Option<&mut [T]> {
+        let has_grad = self.has_grad;
+        match which {
+            Buffer::Weight => self.weight.as_deref_mut(),
+            Buffer::Bias => self.bias.as_deref_mut(),
+            Buffer::RunningMean => self.running_mean.as_deref_mut(),
+            Buffer::RunningVar => self.running_var.as_deref_mut(),
+            Buffer::GradWeight => self.grad_weight.as_deref_mut().filter(|_| has_grad),
+            Buffer::GradBias => self.grad_bias.as_deref_mut().filter(|_| has_grad),
+        }
+    }
+    pub fn weight(&self) -> Option<&[T]> {
+        self.buffer(Buffer::Weight)
     }
     pub fn bias(&self) -> Option<&[T]> {
-        self.bias.as_deref()
-    }
-    pub fn bias_mut(&mut self) -> Option<&mut [T]> {
-        self.bias.as_deref_mut()
+        self.buffer(Buffer::Bias)
     }
     pub fn running_mean(&self) -> Option<&[T]> {
-        self.running_mean.as_deref()
-    }
-    pub fn running_mean_mut(&mut self) -> Option<&mut [T]> {
-        self.running_mean.as_deref_mut()
+        self.buffer(Buffer::RunningMean)
     }
     pub fn running_var(&self) -> Option<&[T]> {
-        self.running_var.as_deref()
-    }
-    pub fn running_var_mut(&mut self) -> Option<&mut [T]> {
-        self.running_var.as_deref_mut()
-    }
-    pub fn num_batches_tracked(&self) -> Option<i64> {
-        self.num_batches_tracked
+        self.buffer(Buffer::RunningVar)
     }
     /// Σ over backward calls since the last [`Self::zero_grad`]; `None` before any.
     pub fn grad_weight(&self) -> Option<&[T]> {
-        self.grad_weight.as_deref().filter(|_| self.has_grad)
+        self.buffer(Buffer::GradWeight)
     }
     pub fn grad_bias(&self) -> Option<&[T]> {
-        self.grad_bias.as_deref().filter(|_| self.has_grad)
+        self.buffer(Buffer::GradBias)
     }
-    pub fn grad_weight_mut(&mut self) -> Option<&mut [T]> {
-        self.grad_weight.as_deref_mut().filter(|_| self.has_grad)
-    }
-    pub fn grad_bias_mut(&mut self) -> Option<&mut [T]> {
-        self.grad_bias.as_deref_mut().filter(|_| self.has_grad)
+    pub fn num_batches_tracked(&self) -> Option<i64> {
+        self.num_batches_tracked
     }
 
     /// Forgets the gradients (PyTorch's `zero_grad(set_to_none=True)`).
@@ -240,29 +286,16 @@ impl<T: Element> BatchNorm2d<T> {
 
     /// The keys this layer's state dict has, in PyTorch's order.
     pub fn state_keys(&self) -> Vec<&'static str> {
-        let present = [
-            ("weight", self.weight.is_some()),
-            ("bias", self.bias.is_some()),
-            ("running_mean", self.running_mean.is_some()),
-            ("running_var", self.running_var.is_some()),
-            ("num_batches_tracked", self.num_batches_tracked.is_some()),
-        ];
-        present.into_iter().filter(|(_, on)| *on).map(|(key, _)| key).collect()
+        self.state_dict().into_iter().map(|(key, _)| key).collect()
     }
 
     /// PyTorch's `state_dict()`: copies of the parameters and buffers.
     pub fn state_dict(&self) -> Vec<(&'static str, StateTensor<T>)> {
-        let float = |v: &Option<Vec<T>>| v.clone().map(StateTensor::float);
-        [
-            ("weight", float(&self.weight)),
-            ("bias", float(&self.bias)),
-            ("running_mean", float(&self.running_mean)),
-            ("running_var", float(&self.running_var)),
-            ("num_batches_tracked", self.num_batches_tracked.map(StateTensor::scalar_int)),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| value.map(|v| (key, v)))
-        .collect()
+        let floats = Buffer::STATE
+            .into_iter()
+            .filter_map(|b| self.buffer(b).map(|values| (b.name(), StateTensor::float(values.to_vec()))));
+        let counter = self.num_batches_tracked.map(|n| (NUM_BATCHES_TRACKED, StateTensor::scalar_int(n)));
+        floats.chain(counter).collect()
     }
 
     /// PyTorch's `load_state_dict`. Every key and shape is checked before anything is written;
@@ -284,7 +317,7 @@ impl<T: Element> BatchNorm2d<T> {
         let c = self.config.num_features;
         for key in &keys {
             let Some(value) = find(key) else { continue };
-            let scalar = *key == "num_batches_tracked";
+            let scalar = *key == NUM_BATCHES_TRACKED;
             let shape_ok = if scalar { value.shape.is_empty() || value.shape == [1] } else { value.shape == [c] };
             let count_ok = value.len() == value.shape.iter().product::<usize>();
             if !shape_ok || !count_ok {
@@ -298,21 +331,13 @@ impl<T: Element> BatchNorm2d<T> {
                 problems.join("\n\t")
             )));
         }
-        for key in keys {
-            let Some(value) = find(key) else { continue };
-            let target = match key {
-                "weight" => &mut self.weight,
-                "bias" => &mut self.bias,
-                "running_mean" => &mut self.running_mean,
-                "running_var" => &mut self.running_var,
-                _ => {
-                    self.num_batches_tracked = value.first_int().or(self.num_batches_tracked);
-                    continue;
-                }
-            };
-            if let Some(buffer) = target.as_mut() {
-                buffer.copy_from_slice(&value.to_floats());
+        for buffer in Buffer::STATE {
+            if let (Some(value), Some(target)) = (find(buffer.name()), self.buffer_mut(buffer)) {
+                target.copy_from_slice(&value.to_floats());
             }
+        }
+        if let (Some(value), Some(count)) = (find(NUM_BATCHES_TRACKED), self.num_batches_tracked.as_mut()) {
+            *count = value.first_int().unwrap_or(*count);
         }
         Ok(report)
     }

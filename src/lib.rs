@@ -45,7 +45,7 @@ mod python;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use functional::{ParamGrads, SavedStats};
-pub use layer::{BatchNorm2d, Config};
+pub use layer::{BatchNorm2d, Buffer, Config};
 pub use shape::{Shape, TensorRef};
 pub use state::{LoadReport, StateTensor, StateValues};
 pub use threads::{get_num_threads, set_num_threads};

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple};
 
 use crate::functional::{self, SavedStats};
-use crate::{BatchNorm2d, Config, Element, Error, Result, Shape, StateTensor, StateValues, TensorRef};
+use crate::{BatchNorm2d, Buffer, Config, Element, Error, Result, Shape, StateTensor, StateValues, TensorRef};
 
 /// The one place a core error becomes a Python exception.
 impl From<Error> for PyErr {
@@ -292,6 +292,16 @@ pub struct PyBatchNorm2d {
 }
 
 impl PyBatchNorm2d {
+    /// A NumPy view of one of the module's (C,) arrays; the view keeps the module alive.
+    fn view<'py>(slf: &Bound<'py, Self>, which: Buffer) -> Option<Bound<'py, PyAny>> {
+        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.buffer(which)))
+    }
+
+    /// Copies `value` into one of the module's (C,) arrays after checking it.
+    fn assign(&self, py: Python<'_>, which: Buffer, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.buffer_mut(which), value, which))
+    }
+
     fn forward_typed<'py, T: Float>(
         slf: &Bound<'py, Self>,
         input: &Bound<'py, PyAny>,
@@ -356,13 +366,10 @@ fn buffer_view<'py, T: Float>(owner: &Bound<'py, PyBatchNorm2d>, data: Option<&[
 }
 
 /// Copies `value` into a (C,) buffer of the module after checking its type, dtype and shape.
-fn assign_buffer<T: Float>(
-    target: Option<&mut [T]>,
-    value: &Bound<'_, PyAny>,
-    name: &str,
-    reason: &str,
-) -> PyResult<()> {
+fn assign_buffer<T: Float>(target: Option<&mut [T]>, value: &Bound<'_, PyAny>, which: Buffer) -> PyResult<()> {
+    let name = which.name();
     let Some(target) = target else {
+        let reason = which.absent_when();
         return Err(Error::InvalidArgument(format!("cannot assign {name}: this module has none ({reason})")).into());
     };
     let array = typed_array::<T>(value, name)?;
@@ -463,35 +470,35 @@ impl PyBatchNorm2d {
 
     #[getter]
     fn weight<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.weight()))
+        Self::view(slf, Buffer::Weight)
     }
     #[setter]
     fn set_weight(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.weight_mut(), value, "weight", "affine=False"))
+        self.assign(py, Buffer::Weight, value)
     }
     #[getter]
     fn bias<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.bias()))
+        Self::view(slf, Buffer::Bias)
     }
     #[setter]
     fn set_bias(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.bias_mut(), value, "bias", "affine=False or bias=False"))
+        self.assign(py, Buffer::Bias, value)
     }
     #[getter]
     fn running_mean<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.running_mean()))
+        Self::view(slf, Buffer::RunningMean)
     }
     #[setter]
     fn set_running_mean(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.running_mean_mut(), value, "running_mean", "track_running_stats=False"))
+        self.assign(py, Buffer::RunningMean, value)
     }
     #[getter]
     fn running_var<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.running_var()))
+        Self::view(slf, Buffer::RunningVar)
     }
     #[setter]
     fn set_running_var(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.running_var_mut(), value, "running_var", "track_running_stats=False"))
+        self.assign(py, Buffer::RunningVar, value)
     }
     #[getter]
     fn num_batches_tracked(&self, py: Python<'_>) -> Option<i64> {
@@ -500,12 +507,12 @@ impl PyBatchNorm2d {
     /// Σ of weight gradients over backward calls since zero_grad(); None before any.
     #[getter]
     fn grad_weight<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.grad_weight()))
+        Self::view(slf, Buffer::GradWeight)
     }
     /// Σ of bias gradients over backward calls since zero_grad(); None before any.
     #[getter]
     fn grad_bias<'py>(slf: &Bound<'py, Self>) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.grad_bias()))
+        Self::view(slf, Buffer::GradBias)
     }
 
     /// forward(input, *, out=None): normalizes input; in training mode updates the running statistics.

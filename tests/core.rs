@@ -2,7 +2,7 @@
 //! sequential, parallel by channel, split within a channel, and strided (gathered) inputs.
 
 use batchnorm::functional::{batch_norm, batch_norm_backward};
-use batchnorm::{BatchNorm2d, Config, Error, SavedStats, Shape, StateTensor, TensorRef};
+use batchnorm::{BatchNorm2d, Buffer, Config, Error, SavedStats, Shape, StateTensor, TensorRef};
 
 /// Deterministic pseudo-random values with an offset (a small LCG; no extra dependency).
 fn data(len: usize, seed: u64, offset: f64) -> Vec<f64> {
@@ -209,7 +209,7 @@ fn num_features_zero_is_rejected() {
 #[test]
 fn state_dict_round_trip_and_strict_errors() {
     let mut a = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
-    a.weight_mut().unwrap().copy_from_slice(&[1.0, 2.0, 3.0]);
+    a.buffer_mut(Buffer::Weight).unwrap().copy_from_slice(&[1.0, 2.0, 3.0]);
     let entries: Vec<(String, StateTensor<f32>)> =
         a.state_dict().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let mut b = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();

@@ -20,11 +20,19 @@ impl GradSums {
     }
 }
 
-fn sums_of<T: Element>(x: &TensorRef<'_, T>, dy: &TensorRef<'_, T>, part: &Part, mean: f64) -> GradSums {
+/// The sums over one part, calling `also(pos, xs, gs)` on each block while it is in L1.
+fn sums_of<T: Element>(
+    x: &TensorRef<'_, T>,
+    dy: &TensorRef<'_, T>,
+    part: &Part,
+    mean: f64,
+    mut also: impl FnMut(usize, &[T], &[T]),
+) -> GradSums {
     let mut sums = GradSums::default();
-    for_each_block([x, dy], part.channel, part.range.clone(), |_, [xs, gs]| {
+    for_each_block([x, dy], part.channel, part.range.clone(), |pos, [xs, gs]| {
         let (sum_dy, sum_dy_xmu) = grad_sums(xs, gs, mean);
         sums = sums.add(GradSums { sum_dy, sum_dy_xmu });
+        also(pos, xs, gs);
     });
     sums
 }
@@ -56,12 +64,12 @@ pub(crate) fn through_batch_stats<T: Element>(
     };
     if plan.whole_channels() {
         return Ok(plan.map(|part| {
-            let sums = sums_of(x, dy, part, mean[part.channel]);
+            let sums = sums_of(x, dy, part, mean[part.channel], |_, _, _| {});
             write_dx(part, sums);
             sums
         }));
     }
-    let sums = plan.merge(plan.map(|part| sums_of(x, dy, part, mean[part.channel])), GradSums::add);
+    let sums = plan.merge(plan.map(|part| sums_of(x, dy, part, mean[part.channel], |_, _, _| {})), GradSums::add);
     plan.map(|part| write_dx(part, sums[part.channel]));
     Ok(sums)
 }
@@ -81,15 +89,11 @@ pub(crate) fn through_fixed_stats<T: Element>(
     let partials = plan.map(|part| {
         let c = part.channel;
         let scale = invstd[c] * weight.map_or(1.0, |w| w[c].to_f64());
-        let mut sums = GradSums::default();
-        for_each_block([x, dy], c, part.range.clone(), |pos, [xs, gs]| {
+        sums_of(x, dy, part, mean[c], |pos, _, gs| {
             // SAFETY: parts are disjoint and this task owns every block of its part.
-            let out = unsafe { dx.block(c, pos, xs.len()) };
+            let out = unsafe { dx.block(c, pos, gs.len()) };
             grad_input_fixed(gs, out, scale);
-            let (sum_dy, sum_dy_xmu) = grad_sums(xs, gs, mean[c]);
-            sums = sums.add(GradSums { sum_dy, sum_dy_xmu });
-        });
-        sums
+        })
     });
     Ok(plan.merge(partials, GradSums::add))
 }
