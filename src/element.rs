@@ -1,19 +1,34 @@
 //! The element types the layer computes on: `f32` and `f64`.
-//!
-//! Kernels accumulate and normalize in `f64` whatever the storage type: BatchNorm is bound by
-//! memory traffic, so the wider arithmetic costs nothing measurable and keeps float32 statistics
-//! accurate on data with a large offset.
 
-/// A floating-point storage type the layer can run on.
-pub trait Element: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 'static {
+use std::ops::{Add, Mul, Neg, Sub};
+
+use crate::cpu::simd::Lanes;
+
+/// A floating-point storage type the layer can run on: `f32` or `f64` (the trait is sealed).
+/// Kernels compute in this type, in SIMD lanes, and combine per-block results in `f64`.
+pub trait Element:
+    Lanes
+    + Default
+    + PartialEq
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Neg<Output = Self>
+    + 'static
+{
     /// NumPy's name for the type (`"float32"`, `"float64"`).
     const DTYPE: &'static str;
+    const ZERO: Self;
     fn to_f64(self) -> f64;
     fn from_f64(value: f64) -> Self;
 }
 
 impl Element for f32 {
     const DTYPE: &'static str = "float32";
+    const ZERO: Self = 0.0;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f64::from(self)
@@ -26,6 +41,7 @@ impl Element for f32 {
 
 impl Element for f64 {
     const DTYPE: &'static str = "float64";
+    const ZERO: Self = 0.0;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self

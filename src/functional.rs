@@ -4,6 +4,7 @@
 use crate::cpu::backward::{through_batch_stats, through_fixed_stats};
 use crate::cpu::forward::{self, inv_std, ChannelAffine};
 use crate::cpu::kernels::Moments;
+use crate::cpu::simd::SimdLevel;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::shape::{Shape, TensorRef};
@@ -27,7 +28,7 @@ impl SavedStats {
         if shape.numel() == 0 {
             return Ok(Self::empty_batch(shape));
         }
-        Ok(Self::of_moments(shape, &forward::statistics(x)?, eps))
+        Ok(Self::of_moments(shape, &forward::statistics(x, SimdLevel::active())?, eps))
     }
 
     fn of_moments(shape: Shape, moments: &[Moments], eps: f64) -> Self {
@@ -150,9 +151,9 @@ pub fn batch_norm<T: Element>(
         };
         let saved = SavedStats::from_running(shape, mean, var, eps)?;
         if shape.numel() > 0 {
-            let affine: Vec<ChannelAffine> =
+            let affine: Vec<ChannelAffine<T>> =
                 (0..c).map(|ch| ChannelAffine::new(ch, saved.mean[ch], saved.invstd[ch], weight, bias)).collect();
-            forward::eval(x, y, &affine)?;
+            forward::eval(x, y, &affine, SimdLevel::active())?;
         }
         return Ok(saved);
     }
@@ -161,7 +162,7 @@ pub fn batch_norm<T: Element>(
     if shape.numel() == 0 {
         return Ok(SavedStats::empty_batch(shape));
     }
-    let moments = forward::train(x, y, weight, bias, eps)?;
+    let moments = forward::train(x, y, weight, bias, eps, SimdLevel::active())?;
     if let Some((running_mean, running_var)) = running {
         for (ch, m) in moments.iter().enumerate() {
             let blend = |old: T, new: f64| T::from_f64((1.0 - momentum) * old.to_f64() + momentum * new);
@@ -200,7 +201,7 @@ pub fn batch_norm_backward<T: Element>(
         return Ok(ParamGrads { grad_weight: zeros.clone(), grad_bias: zeros });
     }
     let pass = if saved.from_batch { through_batch_stats } else { through_fixed_stats };
-    let sums = pass(x, dy, dx, &saved.mean, &saved.invstd, weight)?;
+    let sums = pass(x, dy, dx, &saved.mean, &saved.invstd, weight, SimdLevel::active())?;
     Ok(ParamGrads {
         grad_weight: sums.iter().zip(&saved.invstd).map(|(s, is)| T::from_f64(s.sum_dy_xmu * is)).collect(),
         grad_bias: sums.iter().map(|s| T::from_f64(s.sum_dy)).collect(),

@@ -42,6 +42,7 @@ mod threads;
 #[cfg(feature = "python")]
 mod python;
 
+pub use cpu::simd::SimdLevel;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use functional::{ParamGrads, SavedStats};

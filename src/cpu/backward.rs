@@ -1,7 +1,9 @@
 //! The CPU backward passes. Both return per-channel Σ dy and Σ dy·(x − mean), from which the
 //! caller forms grad_bias and grad_weight.
 
-use super::kernels::{grad_input_batch, grad_input_fixed, grad_sums};
+use super::kernels::{grad_input_batch, grad_input_fixed, grad_sums, Split};
+use super::simd::{PartTask, SimdLevel};
+use pulp::Simd;
 use super::{for_each_block, Part, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
@@ -20,21 +22,151 @@ impl GradSums {
     }
 }
 
-/// The sums over one part, calling `also(pos, xs, gs)` on each block while it is in L1.
-fn sums_of<T: Element>(
-    x: &TensorRef<'_, T>,
-    dy: &TensorRef<'_, T>,
-    part: &Part,
-    mean: f64,
-    mut also: impl FnMut(usize, &[T], &[T]),
-) -> GradSums {
-    let mut sums = GradSums::default();
-    for_each_block([x, dy], part.channel, part.range.clone(), |pos, [xs, gs]| {
-        let (sum_dy, sum_dy_xmu) = grad_sums(xs, gs, mean);
-        sums = sums.add(GradSums { sum_dy, sum_dy_xmu });
-        also(pos, xs, gs);
-    });
-    sums
+/// What the backward of one channel needs: its statistics and the weight.
+struct Channels<'a, T> {
+    x: &'a TensorRef<'a, T>,
+    dy: &'a TensorRef<'a, T>,
+    dx: &'a SharedOut<'a, T>,
+    mean: Vec<Split<T>>,
+    /// w · invstd, the factor dy is scaled by.
+    scale: Vec<f64>,
+    invstd: &'a [f64],
+    count: f64,
+}
+
+impl<'a, T: Element> Channels<'a, T> {
+    fn new(
+        x: &'a TensorRef<'a, T>,
+        dy: &'a TensorRef<'a, T>,
+        dx: &'a SharedOut<'a, T>,
+        mean: &[f64],
+        invstd: &'a [f64],
+        weight: Option<&[T]>,
+    ) -> Self {
+        let scale = invstd.iter().enumerate().map(|(c, is)| is * weight.map_or(1.0, |w| w[c].to_f64())).collect();
+        let count = x.shape().values_per_channel() as f64;
+        Channels { x, dy, dx, mean: mean.iter().map(|&m| Split::new(m)).collect(), scale, invstd, count }
+    }
+
+    /// The sums over one part, calling `also(c, pos, xs, gs)` on each block while it is in L1.
+    #[inline(always)]
+    fn sums<S: Simd>(&self, simd: S, part: &Part, mut also: impl FnMut(usize, usize, &[T], &[T])) -> Vec<GradSums> {
+        let mut sums = vec![GradSums::default(); part.channels.len()];
+        for_each_block(
+            [self.x, self.dy],
+            part,
+            #[inline(always)]
+            |c, pos, [xs, gs]| {
+                let (sum_dy, sum_dy_xmu) = grad_sums(simd, xs, gs, self.mean[c]);
+                let slot = &mut sums[c - part.channels.start];
+                *slot = slot.add(GradSums { sum_dy, sum_dy_xmu });
+                also(c, pos, xs, gs);
+            },
+        );
+        sums
+    }
+
+    /// dx through batch statistics, given the channels' complete sums.
+    #[inline(always)]
+    fn write_batch<S: Simd>(&self, simd: S, part: &Part, sums: impl Fn(usize) -> GradSums) {
+        let coefficients: Vec<(T, T, T)> = part
+            .channels
+            .clone()
+            .map(|c| {
+                let s = sums(c);
+                let k = s.sum_dy_xmu * self.invstd[c] * self.invstd[c] / self.count;
+                (T::from_f64(s.sum_dy / self.count), T::from_f64(k), T::from_f64(self.scale[c]))
+            })
+            .collect();
+        for_each_block(
+            [self.x, self.dy],
+            part,
+            #[inline(always)]
+            |c, pos, [xs, gs]| {
+                let (mean_dy, k, scale) = coefficients[c - part.channels.start];
+                // SAFETY: parts are disjoint and this task owns every block of its part.
+                let out = unsafe { self.dx.block(c, pos, xs.len()) };
+                grad_input_batch(simd, xs, gs, out, self.mean[c], mean_dy, k, scale);
+            },
+        );
+    }
+}
+
+struct Sums<'a, T>(&'a Channels<'a, T>);
+
+impl<T: Element> PartTask for Sums<'_, T> {
+    type Output = Vec<GradSums>;
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<GradSums> {
+        self.0.sums(
+            simd,
+            part,
+            #[inline(always)]
+            |_, _, _, _| {},
+        )
+    }
+}
+
+struct WriteBatch<'a, T> {
+    channels: &'a Channels<'a, T>,
+    sums: &'a [GradSums],
+}
+
+impl<T: Element> PartTask for WriteBatch<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) {
+        self.channels.write_batch(
+            simd,
+            part,
+            #[inline(always)]
+            |c| self.sums[c],
+        );
+    }
+}
+
+/// Both passes over parts of whole channels: the second pass finds the part in cache.
+struct FusedBatch<'a, T>(&'a Channels<'a, T>);
+
+impl<T: Element> PartTask for FusedBatch<'_, T> {
+    type Output = Vec<GradSums>;
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<GradSums> {
+        let sums = self.0.sums(
+            simd,
+            part,
+            #[inline(always)]
+            |_, _, _, _| {},
+        );
+        self.0.write_batch(
+            simd,
+            part,
+            #[inline(always)]
+            |c| sums[c - part.channels.start],
+        );
+        sums
+    }
+}
+
+/// Sums and dx = dy · scale in one pass.
+struct Fixed<'a, T>(&'a Channels<'a, T>);
+
+impl<T: Element> PartTask for Fixed<'_, T> {
+    type Output = Vec<GradSums>;
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<GradSums> {
+        let channels = self.0;
+        channels.sums(
+            simd,
+            part,
+            #[inline(always)]
+            |c, pos, _, gs| {
+                // SAFETY: parts are disjoint and this task owns every block of its part.
+                let out = unsafe { channels.dx.block(c, pos, gs.len()) };
+                grad_input_fixed(simd, gs, out, T::from_f64(channels.scale[c]));
+            },
+        )
+    }
 }
 
 /// Gradients when the forward normalized with batch statistics, which depend on x:
@@ -46,31 +178,16 @@ pub(crate) fn through_batch_stats<T: Element>(
     mean: &[f64],
     invstd: &[f64],
     weight: Option<&[T]>,
+    level: SimdLevel,
 ) -> Result<Vec<GradSums>> {
-    let shape = x.shape();
-    let count = shape.values_per_channel() as f64;
-    let plan = Plan::new(shape)?;
-    let dx = SharedOut::new(dx, shape);
-    let write_dx = |part: &Part, sums: GradSums| {
-        let c = part.channel;
-        let scale = invstd[c] * weight.map_or(1.0, |w| w[c].to_f64());
-        let k = sums.sum_dy_xmu * invstd[c] * invstd[c] / count;
-        let mean_dy = sums.sum_dy / count;
-        for_each_block([x, dy], c, part.range.clone(), |pos, [xs, gs]| {
-            // SAFETY: parts are disjoint and this task owns every block of its part.
-            let out = unsafe { dx.block(c, pos, xs.len()) };
-            grad_input_batch(xs, gs, out, mean[c], mean_dy, k, scale);
-        });
-    };
+    let plan = Plan::new(x.shape(), 2 * size_of::<T>(), level)?;
+    let dx = SharedOut::new(dx, x.shape());
+    let channels = Channels::new(x, dy, &dx, mean, invstd, weight);
     if plan.whole_channels() {
-        return Ok(plan.map(|part| {
-            let sums = sums_of(x, dy, part, mean[part.channel], |_, _, _| {});
-            write_dx(part, sums);
-            sums
-        }));
+        return Ok(plan.per_channel(plan.run(&FusedBatch(&channels)), GradSums::add));
     }
-    let sums = plan.merge(plan.map(|part| sums_of(x, dy, part, mean[part.channel], |_, _, _| {})), GradSums::add);
-    plan.map(|part| write_dx(part, sums[part.channel]));
+    let sums = plan.per_channel(plan.run(&Sums(&channels)), GradSums::add);
+    plan.run(&WriteBatch { channels: &channels, sums: &sums });
     Ok(sums)
 }
 
@@ -83,17 +200,10 @@ pub(crate) fn through_fixed_stats<T: Element>(
     mean: &[f64],
     invstd: &[f64],
     weight: Option<&[T]>,
+    level: SimdLevel,
 ) -> Result<Vec<GradSums>> {
-    let plan = Plan::new(x.shape())?;
+    let plan = Plan::new(x.shape(), 2 * size_of::<T>(), level)?;
     let dx = SharedOut::new(dx, x.shape());
-    let partials = plan.map(|part| {
-        let c = part.channel;
-        let scale = invstd[c] * weight.map_or(1.0, |w| w[c].to_f64());
-        sums_of(x, dy, part, mean[c], |pos, _, gs| {
-            // SAFETY: parts are disjoint and this task owns every block of its part.
-            let out = unsafe { dx.block(c, pos, gs.len()) };
-            grad_input_fixed(gs, out, scale);
-        })
-    });
-    Ok(plan.merge(partials, GradSums::add))
+    let channels = Channels::new(x, dy, &dx, mean, invstd, weight);
+    Ok(plan.per_channel(plan.run(&Fixed(&channels)), GradSums::add))
 }

@@ -1,43 +1,122 @@
 //! The CPU forward passes.
 
-use super::kernels::{normalize, Moments};
+use super::kernels::{block_moments, normalize, Moments, Split};
+use super::simd::{PartTask, SimdLevel};
+use pulp::Simd;
 use super::{for_each_block, Part, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
 
-/// Per-channel y = (x − shift) · scale + offset.
+/// Per-channel y = (x − mean) · scale + offset, in the storage type.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct ChannelAffine {
-    pub shift: f64,
-    pub scale: f64,
-    pub offset: f64,
+pub(crate) struct ChannelAffine<T> {
+    mean: Split<T>,
+    scale: T,
+    offset: T,
 }
 
-impl ChannelAffine {
+impl<T: Element> ChannelAffine<T> {
     /// The affine map of channel `c` for statistics (mean, invstd) and optional weight and bias.
-    pub fn new<T: Element>(c: usize, mean: f64, invstd: f64, weight: Option<&[T]>, bias: Option<&[T]>) -> Self {
+    pub fn new(c: usize, mean: f64, invstd: f64, weight: Option<&[T]>, bias: Option<&[T]>) -> Self {
         let w = weight.map_or(1.0, |w| w[c].to_f64());
         let b = bias.map_or(0.0, |b| b[c].to_f64());
-        ChannelAffine { shift: mean, scale: invstd * w, offset: b }
+        ChannelAffine { mean: Split::new(mean), scale: T::from_f64(invstd * w), offset: T::from_f64(b) }
     }
 }
 
-fn moments_of<T: Element>(x: &TensorRef<'_, T>, part: &Part) -> Moments {
-    let mut moments = Moments::default();
-    for_each_block([x], part.channel, part.range.clone(), |_, [xs]| {
-        moments = moments.merge(Moments::of(xs));
-    });
+#[inline(always)]
+fn moments_of<T: Element, S: Simd>(simd: S, x: &TensorRef<'_, T>, part: &Part) -> Vec<Moments> {
+    let mut moments = vec![Moments::default(); part.channels.len()];
+    for_each_block(
+        [x],
+        part,
+        #[inline(always)]
+        |c, _, [xs]| {
+            let slot = &mut moments[c - part.channels.start];
+            *slot = slot.merge(block_moments(simd, xs));
+        },
+    );
     moments
 }
 
-fn normalize_part<T: Element>(x: &TensorRef<'_, T>, y: &SharedOut<'_, T>, part: &Part, affine: ChannelAffine) {
-    let c = part.channel;
-    for_each_block([x], c, part.range.clone(), |pos, [xs]| {
-        // SAFETY: parts are disjoint and this task owns every block of its part.
-        let ys = unsafe { y.block(c, pos, xs.len()) };
-        normalize(xs, ys, affine.shift, affine.scale, affine.offset);
-    });
+#[inline(always)]
+fn normalize_part<T: Element, S: Simd>(
+    simd: S,
+    x: &TensorRef<'_, T>,
+    y: &SharedOut<'_, T>,
+    part: &Part,
+    affine: impl Fn(usize) -> ChannelAffine<T>,
+) {
+    for_each_block(
+        [x],
+        part,
+        #[inline(always)]
+        |c, pos, [xs]| {
+            let a = affine(c);
+            // SAFETY: parts are disjoint and this task owns every block of its part.
+            let ys = unsafe { y.block(c, pos, xs.len()) };
+            normalize(simd, xs, ys, a.mean, a.scale, a.offset);
+        },
+    );
+}
+
+struct Statistics<'a, T> {
+    x: &'a TensorRef<'a, T>,
+}
+
+impl<T: Element> PartTask for Statistics<'_, T> {
+    type Output = Vec<Moments>;
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<Moments> {
+        moments_of(simd, self.x, part)
+    }
+}
+
+struct Normalize<'a, T> {
+    x: &'a TensorRef<'a, T>,
+    y: &'a SharedOut<'a, T>,
+    affine: &'a [ChannelAffine<T>],
+}
+
+impl<T: Element> PartTask for Normalize<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) {
+        normalize_part(
+            simd,
+            self.x,
+            self.y,
+            part,
+            #[inline(always)]
+            |c| self.affine[c],
+        );
+    }
+}
+
+/// Both passes over parts of whole channels: the second pass finds the part in cache.
+struct Train<'a, T> {
+    x: &'a TensorRef<'a, T>,
+    y: &'a SharedOut<'a, T>,
+    affine: &'a (dyn Fn(usize, &Moments) -> ChannelAffine<T> + Sync),
+}
+
+impl<T: Element> PartTask for Train<'_, T> {
+    type Output = Vec<Moments>;
+    #[inline(always)]
+    fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<Moments> {
+        let moments = moments_of(simd, self.x, part);
+        let affine: Vec<_> = part.channels.clone().zip(&moments).map(|(c, m)| (self.affine)(c, m)).collect();
+        normalize_part(
+            simd,
+            self.x,
+            self.y,
+            part,
+            #[inline(always)]
+            |c| affine[c - part.channels.start],
+        );
+        moments
+    }
 }
 
 /// The CPU training forward: per-channel mean and biased variance of `x`, and `y` normalized
@@ -48,33 +127,37 @@ pub(crate) fn train<T: Element>(
     weight: Option<&[T]>,
     bias: Option<&[T]>,
     eps: f64,
+    level: SimdLevel,
 ) -> Result<Vec<Moments>> {
-    let plan = Plan::new(x.shape())?;
+    let plan = Plan::new(x.shape(), size_of::<T>(), level)?;
     let y = SharedOut::new(y, x.shape());
     let affine = |c: usize, m: &Moments| ChannelAffine::new(c, m.mean, inv_std(m.biased_var(), eps), weight, bias);
     if plan.whole_channels() {
-        return Ok(plan.map(|part| {
-            let moments = moments_of(x, part);
-            normalize_part(x, &y, part, affine(part.channel, &moments));
-            moments
-        }));
+        let moments = plan.run(&Train { x, y: &y, affine: &affine });
+        return Ok(plan.per_channel(moments, Moments::merge));
     }
-    let moments = plan.merge(plan.map(|part| moments_of(x, part)), Moments::merge);
-    plan.map(|part| normalize_part(x, &y, part, affine(part.channel, &moments[part.channel])));
+    let moments = plan.per_channel(plan.run(&Statistics { x }), Moments::merge);
+    let coefficients: Vec<_> = moments.iter().enumerate().map(|(c, m)| affine(c, m)).collect();
+    plan.run(&Normalize { x, y: &y, affine: &coefficients });
     Ok(moments)
 }
 
 /// Per-channel moments of `x` alone, for a backward whose forward statistics were not kept.
-pub(crate) fn statistics<T: Element>(x: &TensorRef<'_, T>) -> Result<Vec<Moments>> {
-    let plan = Plan::new(x.shape())?;
-    Ok(plan.merge(plan.map(|part| moments_of(x, part)), Moments::merge))
+pub(crate) fn statistics<T: Element>(x: &TensorRef<'_, T>, level: SimdLevel) -> Result<Vec<Moments>> {
+    let plan = Plan::new(x.shape(), size_of::<T>(), level)?;
+    Ok(plan.per_channel(plan.run(&Statistics { x }), Moments::merge))
 }
 
 /// The CPU eval forward: `y` from `x` with fixed per-channel affine maps, one read and one write.
-pub(crate) fn eval<T: Element>(x: &TensorRef<'_, T>, y: &mut [T], affine: &[ChannelAffine]) -> Result<()> {
-    let plan = Plan::new(x.shape())?;
+pub(crate) fn eval<T: Element>(
+    x: &TensorRef<'_, T>,
+    y: &mut [T],
+    affine: &[ChannelAffine<T>],
+    level: SimdLevel,
+) -> Result<()> {
+    let plan = Plan::new(x.shape(), size_of::<T>(), level)?;
     let y = SharedOut::new(y, x.shape());
-    plan.map(|part| normalize_part(x, &y, part, affine[part.channel]));
+    plan.run(&Normalize { x, y: &y, affine });
     Ok(())
 }
 
