@@ -1,9 +1,10 @@
 //! Shapes and strided views of (N, C, H, W) tensors.
 //!
 //! A channel's values are addressed by a *logical position* `0..values_per_channel()`, in
-//! (n, h, w) order. Kernels walk a channel in blocks of logical positions; [`TensorRef::read`]
-//! hands each block over as a slice, borrowed in place when the memory is contiguous and
-//! gathered into a small buffer when it is not (channels-last, Fortran order, negative strides).
+//! (n, h, w) order, i.e. image n and offset w = h·W + w within the plane. Kernels walk planes in
+//! blocks; [`TensorRef::read`] hands each block over as a slice, borrowed in place when the memory
+//! is contiguous and gathered into a small buffer when it is not (channels-last, Fortran order,
+//! negative strides).
 
 use crate::error::{Error, Result};
 
@@ -61,12 +62,10 @@ impl Shape {
         [n, c, h, w]
     }
 
-    /// Index in the C-contiguous layout of logical position `pos` of channel `c`.
-    #[inline]
-    pub(crate) fn contiguous_index(&self, c: usize, pos: usize) -> usize {
-        let plane = self.plane();
-        let (n, within) = (pos / plane, pos % plane);
-        (n * self.c + c) * plane + within
+    /// Index in the C-contiguous layout of offset `w` in plane (n, c).
+    #[inline(always)]
+    pub(crate) fn contiguous_index(&self, n: usize, c: usize, w: usize) -> usize {
+        (n * self.c + c) * self.plane() + w
     }
 }
 
@@ -139,27 +138,35 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
         self.shape.dims().iter().zip(self.strides.iter().zip(&expected)).all(|(&d, (s, e))| d <= 1 || s == e)
     }
 
-    /// Logical positions from `pos` to the end of the stretch with a constant address step.
-    #[inline]
-    pub(crate) fn run_remaining(&self, pos: usize) -> usize {
-        self.run.0 - pos % self.run.0
+    /// Values from offset `w` within an image plane to the end of the stretch with a constant
+    /// address step (the plane itself when it is contiguous).
+    #[inline(always)]
+    pub(crate) fn run_remaining(&self, w: usize) -> usize {
+        let (len, _) = self.run;
+        if len == self.shape.plane() {
+            len - w
+        } else {
+            len - w % len
+        }
     }
 
-    #[inline]
-    fn address(&self, c: usize, pos: usize) -> usize {
-        let plane = self.shape.plane();
-        let (n, within) = (pos / plane, pos % plane);
-        let (h, w) = (within / self.shape.w, within % self.shape.w);
+    #[inline(always)]
+    fn address(&self, n: usize, c: usize, w: usize) -> usize {
         let [sn, sc, sh, sw] = self.strides;
-        let delta = n as isize * sn + c as isize * sc + h as isize * sh + w as isize * sw;
-        (self.offset as isize + delta) as usize
+        let base = self.offset as isize + n as isize * sn + c as isize * sc;
+        let within = if self.run == (self.shape.plane(), 1) {
+            w as isize
+        } else {
+            (w / self.shape.w) as isize * sh + (w % self.shape.w) as isize * sw
+        };
+        (base + within) as usize
     }
 
-    /// Values at logical positions `pos..pos + len` of channel `c`, which must not cross the end
-    /// of a run (see [`Self::run_remaining`]). Borrowed when contiguous, else gathered into `buf`.
-    #[inline]
-    pub(crate) fn read<'s>(&'s self, c: usize, pos: usize, len: usize, buf: &'s mut [T]) -> &'s [T] {
-        let start = self.address(c, pos);
+    /// Values at offsets `w..w + len` of plane (n, c), which must not cross the end of a run
+    /// (see [`Self::run_remaining`]). Borrowed when contiguous, else gathered into `buf`.
+    #[inline(always)]
+    pub(crate) fn read<'s>(&'s self, n: usize, c: usize, w: usize, len: usize, buf: &'s mut [T]) -> &'s [T] {
+        let start = self.address(n, c, w);
         let step = self.run.1;
         if step == 1 {
             return &self.data[start..start + len];

@@ -1,10 +1,11 @@
 //! The CPU backward passes. Both return per-channel Σ dy and Σ dy·(x − mean), from which the
 //! caller forms grad_bias and grad_weight.
 
-use super::kernels::{grad_input_batch, grad_input_fixed, grad_sums, Split};
-use super::simd::{PartTask, SimdLevel};
 use pulp::Simd;
-use super::{for_each_block, Part, Plan, SharedOut};
+
+use super::kernels::{grad_input_batch, grad_input_fixed, GradAccumulator, Split};
+use super::simd::{PartTask, SimdLevel};
+use super::{for_each_block, At, Part, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
@@ -22,7 +23,7 @@ impl GradSums {
     }
 }
 
-/// What the backward of one channel needs: its statistics and the weight.
+/// What the backward of each channel needs: its statistics and the weight.
 struct Channels<'a, T> {
     x: &'a TensorRef<'a, T>,
     dy: &'a TensorRef<'a, T>,
@@ -48,22 +49,26 @@ impl<'a, T: Element> Channels<'a, T> {
         Channels { x, dy, dx, mean: mean.iter().map(|&m| Split::new(m)).collect(), scale, invstd, count }
     }
 
-    /// The sums over one part, calling `also(c, pos, xs, gs)` on each block while it is in L1.
+    /// The sums over one part, calling `also(at, xs, gs)` on each block while it is in L1.
     #[inline(always)]
-    fn sums<S: Simd>(&self, simd: S, part: &Part, mut also: impl FnMut(usize, usize, &[T], &[T])) -> Vec<GradSums> {
-        let mut sums = vec![GradSums::default(); part.channels.len()];
+    fn sums<S: Simd>(&self, simd: S, part: &Part, mut also: impl FnMut(At, &[T], &[T])) -> Vec<GradSums> {
+        let mut channels: Vec<_> = part.channels.clone().map(|c| GradAccumulator::new(simd, self.mean[c])).collect();
         for_each_block(
             [self.x, self.dy],
             part,
             #[inline(always)]
-            |c, pos, [xs, gs]| {
-                let (sum_dy, sum_dy_xmu) = grad_sums(simd, xs, gs, self.mean[c]);
-                let slot = &mut sums[c - part.channels.start];
-                *slot = slot.add(GradSums { sum_dy, sum_dy_xmu });
-                also(c, pos, xs, gs);
+            |at: At, [xs, gs]| {
+                channels[at.c - part.channels.start].add(xs, gs);
+                also(at, xs, gs);
             },
         );
-        sums
+        channels
+            .into_iter()
+            .map(|acc| {
+                let (sum_dy, sum_dy_xmu) = acc.finish();
+                GradSums { sum_dy, sum_dy_xmu }
+            })
+            .collect()
     }
 
     /// dx through batch statistics, given the channels' complete sums.
@@ -82,11 +87,11 @@ impl<'a, T: Element> Channels<'a, T> {
             [self.x, self.dy],
             part,
             #[inline(always)]
-            |c, pos, [xs, gs]| {
-                let (mean_dy, k, scale) = coefficients[c - part.channels.start];
+            |at: At, [xs, gs]| {
+                let (mean_dy, k, scale) = coefficients[at.c - part.channels.start];
                 // SAFETY: parts are disjoint and this task owns every block of its part.
-                let out = unsafe { self.dx.block(c, pos, xs.len()) };
-                grad_input_batch(simd, xs, gs, out, self.mean[c], mean_dy, k, scale);
+                let out = unsafe { self.dx.block(at, xs.len()) };
+                grad_input_batch(simd, xs, gs, out, self.mean[at.c], mean_dy, k, scale);
             },
         );
     }
@@ -102,7 +107,7 @@ impl<T: Element> PartTask for Sums<'_, T> {
             simd,
             part,
             #[inline(always)]
-            |_, _, _, _| {},
+            |_, _, _| {},
         )
     }
 }
@@ -136,7 +141,7 @@ impl<T: Element> PartTask for FusedBatch<'_, T> {
             simd,
             part,
             #[inline(always)]
-            |_, _, _, _| {},
+            |_, _, _| {},
         );
         self.0.write_batch(
             simd,
@@ -160,10 +165,10 @@ impl<T: Element> PartTask for Fixed<'_, T> {
             simd,
             part,
             #[inline(always)]
-            |c, pos, _, gs| {
+            |at: At, _, gs| {
                 // SAFETY: parts are disjoint and this task owns every block of its part.
-                let out = unsafe { channels.dx.block(c, pos, gs.len()) };
-                grad_input_fixed(simd, gs, out, T::from_f64(channels.scale[c]));
+                let out = unsafe { channels.dx.block(at, gs.len()) };
+                grad_input_fixed(simd, gs, out, T::from_f64(channels.scale[at.c]));
             },
         )
     }

@@ -1,12 +1,12 @@
 //! The CPU forward passes.
 
-use super::kernels::{block_moments, normalize, Moments, Split};
+use super::kernels::{normalize, Moments, MomentsAccumulator, Split};
 use super::simd::{PartTask, SimdLevel};
-use pulp::Simd;
-use super::{for_each_block, Part, Plan, SharedOut};
+use super::{for_each_block, At, Part, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
+use pulp::Simd;
 
 /// Per-channel y = (x − mean) · scale + offset, in the storage type.
 #[derive(Clone, Copy, Debug)]
@@ -27,17 +27,14 @@ impl<T: Element> ChannelAffine<T> {
 
 #[inline(always)]
 fn moments_of<T: Element, S: Simd>(simd: S, x: &TensorRef<'_, T>, part: &Part) -> Vec<Moments> {
-    let mut moments = vec![Moments::default(); part.channels.len()];
+    let mut channels: Vec<_> = part.channels.clone().map(|_| MomentsAccumulator::new(simd)).collect();
     for_each_block(
         [x],
         part,
         #[inline(always)]
-        |c, _, [xs]| {
-            let slot = &mut moments[c - part.channels.start];
-            *slot = slot.merge(block_moments(simd, xs));
-        },
+        |at: At, [xs]| channels[at.c - part.channels.start].add(xs),
     );
-    moments
+    channels.into_iter().map(MomentsAccumulator::finish).collect()
 }
 
 #[inline(always)]
@@ -52,10 +49,10 @@ fn normalize_part<T: Element, S: Simd>(
         [x],
         part,
         #[inline(always)]
-        |c, pos, [xs]| {
-            let a = affine(c);
+        |at: At, [xs]| {
+            let a = affine(at.c);
             // SAFETY: parts are disjoint and this task owns every block of its part.
-            let ys = unsafe { y.block(c, pos, xs.len()) };
+            let ys = unsafe { y.block(at, xs.len()) };
             normalize(simd, xs, ys, a.mean, a.scale, a.offset);
         },
     );

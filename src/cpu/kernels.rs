@@ -104,40 +104,171 @@ fn sum<T: Element, S: Simd>(simd: S, xs: &[T]) -> f64 {
     total
 }
 
-/// The moments of one block (small enough to stay in L1 for its second pass).
-#[inline(always)]
-pub(crate) fn block_moments<T: Element, S: Simd>(simd: S, xs: &[T]) -> Moments {
-    if xs.is_empty() {
-        return Moments::default();
+/// Values a vector accumulator takes before it is flushed to f64: float32 lanes then never sum
+/// more than a few dozen terms each.
+const WINDOW: usize = 2048;
+
+/// Two running sums kept in vector lanes (two vectors each, for instruction-level parallelism),
+/// plus the scalar tails of blocks that are not a whole number of vectors.
+struct LaneSums<T: Element, S: Simd> {
+    simd: S,
+    a: [T::V<S>; 2],
+    b: [T::V<S>; 2],
+    tail_a: f64,
+    tail_b: f64,
+    count: usize,
+}
+
+impl<T: Element, S: Simd> LaneSums<T, S> {
+    #[inline(always)]
+    fn new(simd: S) -> Self {
+        let zero = T::vsplat(simd, T::ZERO);
+        LaneSums { simd, a: [zero; 2], b: [zero; 2], tail_a: 0.0, tail_b: 0.0, count: 0 }
     }
-    let count = xs.len() as f64;
-    let rough = T::from_f64(sum(simd, xs) / count);
-    let rough_v = T::vsplat(simd, rough);
-    let (head, tail) = T::split::<S>(xs);
-    let (pairs, rest) = pulp::as_arrays::<2, _>(head);
-    let zero = T::vsplat(simd, T::ZERO);
-    let (mut sum_d, mut sum_d2) = ([zero; 2], [zero; 2]);
-    for pair in pairs {
-        for i in 0..2 {
-            let d = T::vsub(simd, pair[i], rough_v);
-            sum_d[i] = T::vadd(simd, sum_d[i], d);
-            sum_d2[i] = T::vmul_add(simd, d, d, sum_d2[i]);
+
+    /// Adds `f(v)` → (a, b) for each vector `v` of `xs` (paired with `ys`), and `tail` for the
+    /// values past the last whole vector.
+    #[inline(always)]
+    fn add(
+        &mut self,
+        xs: &[T],
+        ys: &[T],
+        f: impl Fn(T::V<S>, T::V<S>, T::V<S>, T::V<S>) -> (T::V<S>, T::V<S>),
+        tail: impl Fn(T, T) -> (f64, f64),
+    ) {
+        let (x_head, x_tail) = T::split::<S>(xs);
+        let (y_head, y_tail) = T::split::<S>(ys);
+        let (x_pairs, x_rest) = pulp::as_arrays::<2, _>(x_head);
+        let (y_pairs, y_rest) = pulp::as_arrays::<2, _>(y_head);
+        for (x, y) in x_pairs.iter().zip(y_pairs) {
+            for i in 0..2 {
+                (self.a[i], self.b[i]) = f(x[i], y[i], self.a[i], self.b[i]);
+            }
+        }
+        for (&x, &y) in x_rest.iter().zip(y_rest) {
+            (self.a[0], self.b[0]) = f(x, y, self.a[0], self.b[0]);
+        }
+        for (&x, &y) in x_tail.iter().zip(y_tail) {
+            let (a, b) = tail(x, y);
+            self.tail_a += a;
+            self.tail_b += b;
+        }
+        self.count += xs.len();
+    }
+
+    /// The sums and their count so far, in f64; starts over.
+    #[inline(always)]
+    fn take(&mut self) -> (f64, f64, f64) {
+        let simd = self.simd;
+        let a = T::sum_f64::<S>(T::vadd(simd, self.a[0], self.a[1])) + self.tail_a;
+        let b = T::sum_f64::<S>(T::vadd(simd, self.b[0], self.b[1])) + self.tail_b;
+        let count = self.count as f64;
+        *self = LaneSums::new(simd);
+        (a, b, count)
+    }
+}
+
+/// The moments of one channel, fed block by block. Sums are of d = x − shift, where the shift is
+/// the first block's rough mean and then the running mean, so d stays small and exact.
+pub(crate) struct MomentsAccumulator<T: Element, S: Simd> {
+    sums: LaneSums<T, S>,
+    shift: T,
+    done: Moments,
+}
+
+impl<T: Element, S: Simd> MomentsAccumulator<T, S> {
+    #[inline(always)]
+    pub fn new(simd: S) -> Self {
+        MomentsAccumulator { sums: LaneSums::new(simd), shift: T::ZERO, done: Moments::default() }
+    }
+
+    #[inline(always)]
+    pub fn add(&mut self, xs: &[T]) {
+        let simd = self.sums.simd;
+        if self.done.count == 0.0 && self.sums.count == 0 {
+            self.shift = T::from_f64(sum(simd, xs) / xs.len() as f64);
+        }
+        let (shift, shift_v) = (self.shift, T::vsplat(simd, self.shift));
+        self.sums.add(
+            xs,
+            xs,
+            #[inline(always)]
+            |x, _, sum_d, sum_d2| {
+                let d = T::vsub(simd, x, shift_v);
+                (T::vadd(simd, sum_d, d), T::vmul_add(simd, d, d, sum_d2))
+            },
+            #[inline(always)]
+            |x, _| {
+                let d = (x - shift).to_f64();
+                (d, d * d)
+            },
+        );
+        if self.sums.count >= WINDOW {
+            self.flush();
         }
     }
-    for &v in rest {
-        let d = T::vsub(simd, v, rough_v);
-        sum_d[0] = T::vadd(simd, sum_d[0], d);
-        sum_d2[0] = T::vmul_add(simd, d, d, sum_d2[0]);
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        let (sum_d, sum_d2, count) = self.sums.take();
+        if count == 0.0 {
+            return;
+        }
+        let mean = self.shift.to_f64() + sum_d / count;
+        let window = Moments { count, mean, m2: (sum_d2 - sum_d * sum_d / count).max(0.0) };
+        self.done = self.done.merge(window);
+        self.shift = T::from_f64(self.done.mean);
     }
-    let mut total_d = T::sum_f64::<S>(T::vadd(simd, sum_d[0], sum_d[1]));
-    let mut total_d2 = T::sum_f64::<S>(T::vadd(simd, sum_d2[0], sum_d2[1]));
-    for &x in tail {
-        let d = (x - rough).to_f64();
-        total_d += d;
-        total_d2 += d * d;
+
+    #[inline(always)]
+    pub fn finish(mut self) -> Moments {
+        self.flush();
+        self.done
     }
-    let m2 = (total_d2 - total_d * total_d / count).max(0.0);
-    Moments { count, mean: rough.to_f64() + total_d / count, m2 }
+}
+
+/// Σ dy and Σ dy·(x − mean) of one channel, fed block by block.
+pub(crate) struct GradAccumulator<T: Element, S: Simd> {
+    sums: LaneSums<T, S>,
+    mean: Split<T>,
+    done: (f64, f64),
+}
+
+impl<T: Element, S: Simd> GradAccumulator<T, S> {
+    #[inline(always)]
+    pub fn new(simd: S, mean: Split<T>) -> Self {
+        GradAccumulator { sums: LaneSums::new(simd), mean, done: (0.0, 0.0) }
+    }
+
+    #[inline(always)]
+    pub fn add(&mut self, xs: &[T], gs: &[T]) {
+        let simd = self.sums.simd;
+        let (mean, mean_v) = (self.mean, SplitV::new(simd, self.mean));
+        self.sums.add(
+            xs,
+            gs,
+            #[inline(always)]
+            |x, g, sum_g, sum_gx| (T::vadd(simd, sum_g, g), T::vmul_add(simd, g, mean_v.centered(x), sum_gx)),
+            #[inline(always)]
+            |x, g| (g.to_f64(), g.to_f64() * mean.centered(x).to_f64()),
+        );
+        if self.sums.count >= WINDOW {
+            self.flush();
+        }
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        let (sum_g, sum_gx, _) = self.sums.take();
+        self.done = (self.done.0 + sum_g, self.done.1 + sum_gx);
+    }
+
+    /// (Σ dy, Σ dy·(x − mean)).
+    #[inline(always)]
+    pub fn finish(mut self) -> (f64, f64) {
+        self.flush();
+        self.done
+    }
 }
 
 /// y = (x − mean) · scale + offset: one fused multiply-add per value.
@@ -153,35 +284,6 @@ pub(crate) fn normalize<T: Element, S: Simd>(simd: S, xs: &[T], ys: &mut [T], me
     for (&x, y) in x_tail.iter().zip(y_tail) {
         *y = mean.centered(x) * scale + offset;
     }
-}
-
-/// Σ dy and Σ dy·(x − mean) over a block.
-#[inline(always)]
-pub(crate) fn grad_sums<T: Element, S: Simd>(simd: S, xs: &[T], gs: &[T], mean: Split<T>) -> (f64, f64) {
-    let (x_head, x_tail) = T::split::<S>(xs);
-    let (g_head, g_tail) = T::split::<S>(gs);
-    let mean_v = SplitV::new(simd, mean);
-    let zero = T::vsplat(simd, T::ZERO);
-    let (mut sum_g, mut sum_gx) = ([zero; 2], [zero; 2]);
-    let (x_pairs, x_rest) = pulp::as_arrays::<2, _>(x_head);
-    let (g_pairs, g_rest) = pulp::as_arrays::<2, _>(g_head);
-    for (x, g) in x_pairs.iter().zip(g_pairs) {
-        for i in 0..2 {
-            sum_g[i] = T::vadd(simd, sum_g[i], g[i]);
-            sum_gx[i] = T::vmul_add(simd, g[i], mean_v.centered(x[i]), sum_gx[i]);
-        }
-    }
-    for (&x, &g) in x_rest.iter().zip(g_rest) {
-        sum_g[0] = T::vadd(simd, sum_g[0], g);
-        sum_gx[0] = T::vmul_add(simd, g, mean_v.centered(x), sum_gx[0]);
-    }
-    let mut total_g = T::sum_f64::<S>(T::vadd(simd, sum_g[0], sum_g[1]));
-    let mut total_gx = T::sum_f64::<S>(T::vadd(simd, sum_gx[0], sum_gx[1]));
-    for (&x, &g) in x_tail.iter().zip(g_tail) {
-        total_g += g.to_f64();
-        total_gx += g.to_f64() * mean.centered(x).to_f64();
-    }
-    (total_g, total_gx)
 }
 
 /// dx = ((dy − mean_dy) − (x − mean) · k) · scale: the input gradient through batch statistics.

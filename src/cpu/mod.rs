@@ -110,40 +110,51 @@ impl Plan {
     }
 }
 
-/// Calls `visit(c, pos, [values of each input])` for blocks covering the part: image by image,
-/// and within an image channel by channel. No block crosses a run of any input, nor an image
-/// plane, so the matching output block is contiguous too.
+/// Where a block sits: image `n`, channel `c`, offset `w` within the plane.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct At {
+    pub n: usize,
+    pub c: usize,
+    pub w: usize,
+}
+
+/// Calls `visit(at, [values of each input])` for blocks covering the part: image by image, and
+/// within an image channel by channel. No block crosses a run of any input, nor an image plane,
+/// so the matching output block is contiguous too.
 #[inline(always)]
 pub(crate) fn for_each_block<T: Element, const K: usize>(
     inputs: [&TensorRef<'_, T>; K],
     part: &Part,
-    mut visit: impl FnMut(usize, usize, [&[T]; K]),
+    mut visit: impl FnMut(At, [&[T]; K]),
 ) {
     let plane = inputs[0].shape().plane();
+    if part.range.is_empty() || plane == 0 {
+        return;
+    }
     let mut buffers = [[T::ZERO; BLOCK]; K];
-    let mut start = part.range.start;
-    while start < part.range.end {
-        let end = part.range.end.min((start / plane + 1) * plane);
+    let (first, last) = (part.range.start / plane, (part.range.end - 1) / plane);
+    for n in first..=last {
+        let from = if n == first { part.range.start - n * plane } else { 0 };
+        let to = if n == last { part.range.end - n * plane } else { plane };
         for c in part.channels.clone() {
-            let mut pos = start;
-            while pos < end {
-                let mut len = (end - pos).min(BLOCK);
+            let mut w = from;
+            while w < to {
+                let mut len = (to - w).min(BLOCK);
                 for tensor in &inputs {
-                    len = len.min(tensor.run_remaining(pos));
+                    len = len.min(tensor.run_remaining(w));
                 }
                 let mut input = inputs.iter();
                 let views = buffers.each_mut().map(
                     #[inline(always)]
                     |buffer| match input.next() {
-                        Some(tensor) => tensor.read(c, pos, len, buffer),
+                        Some(tensor) => tensor.read(n, c, w, len, buffer),
                         None => &buffer[..0],
                     },
                 );
-                visit(c, pos, views);
-                pos += len;
+                visit(At { n, c, w }, views);
+                w += len;
             }
         }
-        start = end;
     }
 }
 
@@ -165,16 +176,91 @@ impl<'a, T> SharedOut<'a, T> {
         SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, _borrow: PhantomData }
     }
 
-    /// The output block for logical positions `pos..pos + len` of channel `c`.
+    /// The output block of `len` values at `at`.
     ///
     /// # Safety
     /// No two live blocks may overlap: each (channel, position) must be written by one task.
     /// Parts of a [`Plan`] are disjoint, and blocks within a part are visited one at a time.
     #[allow(clippy::mut_from_ref)]
     #[inline(always)]
-    pub unsafe fn block(&self, c: usize, pos: usize, len: usize) -> &mut [T] {
-        let start = self.shape.contiguous_index(c, pos);
+    pub unsafe fn block(&self, at: At, len: usize) -> &mut [T] {
+        let start = self.shape.contiguous_index(at.n, at.c, at.w);
         assert!(start + len <= self.len, "block inside the output");
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every SIMD level this CPU has, against the scalar build of the same kernels.
+
+    use super::backward::{through_batch_stats, through_fixed_stats};
+    use super::forward::{eval, train, ChannelAffine};
+    use super::simd::SimdLevel;
+    use crate::shape::{Shape, TensorRef};
+
+    const SHAPES: [Shape; 6] = [
+        Shape::new(3, 5, 7, 7),     // sequential, planes not a whole number of vectors
+        Shape::new(4, 64, 16, 16),  // channel groups
+        Shape::new(8, 3, 64, 64),   // slices of channels
+        Shape::new(2, 2, 101, 103), // odd planes, split channels
+        Shape::new(64, 256, 1, 1),  // one value per plane
+        Shape::new(2, 3, 1, 17),    // vector plus tail
+    ];
+
+    /// Pseudo-random values in [offset, offset + 1), independent across seeds (xorshift).
+    fn values(n: usize, seed: u64, offset: f64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (offset + (state >> 11) as f64 / (1u64 << 53) as f64) as f32
+            })
+            .collect()
+    }
+
+    /// ‖a − b‖ / ‖b‖: elementwise checks would trip on values that cancel to near zero.
+    fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+        let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+        (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    fn run_all(shape: Shape, level: SimdLevel) -> Vec<Vec<f32>> {
+        let (x, dy) = (values(shape.numel(), 1, 100.0), values(shape.numel(), 2, -0.5));
+        let (xr, dyr) = (TensorRef::contiguous(&x, shape).unwrap(), TensorRef::contiguous(&dy, shape).unwrap());
+        let weight: Vec<f32> = (0..shape.c).map(|c| 0.5 + c as f32).collect();
+        let mut y = vec![0.0; shape.numel()];
+        let moments = train(&xr, &mut y, Some(&weight), None, 1e-5, level).unwrap();
+        let mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
+        let invstd: Vec<f64> = moments.iter().map(|m| 1.0 / (m.biased_var() + 1e-5).sqrt()).collect();
+        let affine: Vec<_> =
+            (0..shape.c).map(|c| ChannelAffine::new(c, mean[c], invstd[c], Some(&weight), None)).collect();
+        let mut y_eval = vec![0.0; shape.numel()];
+        eval(&xr, &mut y_eval, &affine, level).unwrap();
+        let mut dx = vec![0.0; shape.numel()];
+        let sums = through_batch_stats(&xr, &dyr, &mut dx, &mean, &invstd, Some(&weight), level).unwrap();
+        let mut dx_fixed = vec![0.0; shape.numel()];
+        through_fixed_stats(&xr, &dyr, &mut dx_fixed, &mean, &invstd, Some(&weight), level).unwrap();
+        let stats = moments.iter().flat_map(|m| [m.mean as f32, m.biased_var() as f32]).collect();
+        let grads = sums.iter().flat_map(|s| [s.sum_dy as f32, s.sum_dy_xmu as f32]).collect();
+        vec![y, y_eval, dx, dx_fixed, stats, grads]
+    }
+
+    #[test]
+    fn every_simd_level_matches_scalar() {
+        let levels = SimdLevel::available();
+        assert_eq!(levels[0], SimdLevel::Scalar);
+        for shape in SHAPES {
+            let reference = run_all(shape, SimdLevel::Scalar);
+            for &level in &levels[1..] {
+                for (i, (got, want)) in run_all(shape, level).iter().zip(&reference).enumerate() {
+                    let error = relative_error(got, want);
+                    assert!(error < 1e-5, "{level:?} output {i} differs from scalar by {error:e} at {shape:?}");
+                }
+            }
+        }
     }
 }
