@@ -910,6 +910,12 @@ fn set_num_threads(threads: i64) -> PyResult<()> {
     Ok(crate::set_num_threads(threads as usize)?)
 }
 
+/// simd_level(): the instruction set the kernels run with ("avx512", "avx2", "neon" or "scalar").
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::SimdLevel::active().name()
+}
+
 /// get_num_threads(): how many threads the kernels use.
 #[pyfunction]
 fn get_num_threads() -> usize {
@@ -924,5 +930,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

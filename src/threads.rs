@@ -1,5 +1,7 @@
-//! The thread pool every CPU kernel runs on. It is the crate's own (not rayon's global pool) so
-//! that `set_num_threads` can change its size at any time, as `torch.set_num_threads` can.
+//! The threads CPU kernels run on: the calling thread plus a pool of `n − 1` workers. The pool is
+//! the crate's own (not rayon's global one) so that `set_num_threads` can change it at any time,
+//! as `torch.set_num_threads` can; the caller works too, so a call never waits idle for workers
+//! to wake, and `n` threads never compete for `n` cores with a blocked caller.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -7,45 +9,55 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{Error, Result};
 
-static POOL: Mutex<Option<Arc<ThreadPool>>> = Mutex::new(None);
-
-fn slot() -> MutexGuard<'static, Option<Arc<ThreadPool>>> {
-    // The slot only ever holds a fully built pool, so a panic elsewhere cannot leave it torn.
-    POOL.lock().unwrap_or_else(PoisonError::into_inner)
+struct Threads {
+    count: usize,
+    /// `count − 1` workers; `None` when the caller works alone.
+    pool: Option<Arc<ThreadPool>>,
 }
 
-fn build(threads: usize) -> Result<ThreadPool> {
-    ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("batchnorm-{i}"))
-        .build()
-        .map_err(|e| Error::Unsupported(format!("could not start {threads} worker threads: {e}")))
+static THREADS: Mutex<Option<Threads>> = Mutex::new(None);
+
+fn slot() -> MutexGuard<'static, Option<Threads>> {
+    // The slot only ever holds a fully built value, so a panic elsewhere cannot leave it torn.
+    THREADS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The pool kernels run on; created on first use with one thread per core.
-pub(crate) fn pool() -> Result<Arc<ThreadPool>> {
+fn build(count: usize) -> Result<Threads> {
+    let pool = match count {
+        1 => None,
+        _ => Some(Arc::new(
+            ThreadPoolBuilder::new()
+                .num_threads(count - 1)
+                .thread_name(|i| format!("batchnorm-{i}"))
+                .build()
+                .map_err(|e| Error::Unsupported(format!("could not start {} worker threads: {e}", count - 1)))?,
+        )),
+    };
+    Ok(Threads { count, pool })
+}
+
+/// The worker pool (if more than one thread is in use) and the total thread count.
+pub(crate) fn pool() -> Result<(Option<Arc<ThreadPool>>, usize)> {
     let mut slot = slot();
-    if let Some(pool) = slot.as_ref() {
-        return Ok(Arc::clone(pool));
+    if slot.is_none() {
+        *slot = Some(build(std::thread::available_parallelism().map_or(1, usize::from))?);
     }
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let pool = Arc::new(build(cores)?);
-    *slot = Some(Arc::clone(&pool));
-    Ok(pool)
+    let threads = slot.as_ref().map_or((None, 1), |t| (t.pool.clone(), t.count));
+    Ok(threads)
 }
 
-/// Sets how many threads the CPU kernels use (every core by default). Calls already running
-/// finish on the pool they started with.
+/// Sets how many threads the CPU kernels use, the caller included (every core by default).
+/// Calls already running finish with the threads they started with.
 pub fn set_num_threads(threads: usize) -> Result<()> {
     if threads == 0 {
         return Err(Error::InvalidArgument("number of threads must be a positive integer, got 0".into()));
     }
-    let pool = Arc::new(build(threads)?);
-    *slot() = Some(pool);
+    let threads = build(threads)?;
+    *slot() = Some(threads);
     Ok(())
 }
 
 /// How many threads the CPU kernels use.
 pub fn get_num_threads() -> usize {
-    pool().map_or(1, |pool| pool.current_num_threads())
+    pool().map_or(1, |(_, count)| count)
 }

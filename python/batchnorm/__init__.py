@@ -6,6 +6,6 @@
 """
 
 from batchnorm import functional
-from batchnorm._core import BatchNorm2d, get_num_threads, set_num_threads
+from batchnorm._core import BatchNorm2d, __version__, get_num_threads, set_num_threads, simd_level
 
-__all__ = ["BatchNorm2d", "functional", "get_num_threads", "set_num_threads"]
+__all__ = ["BatchNorm2d", "__version__", "functional", "get_num_threads", "set_num_threads", "simd_level"]

@@ -5,7 +5,9 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
-__all__ = ["BatchNorm2d", "batch_norm", "batch_norm_backward", "get_num_threads", "set_num_threads"]
+__all__ = ["BatchNorm2d", "batch_norm", "batch_norm_backward", "get_num_threads", "set_num_threads", "simd_level"]
+
+__version__: str
 
 _Array = npt.NDArray[np.floating[Any]]
 
@@ -103,3 +105,4 @@ def batch_norm_backward(
 ) -> tuple[_Array, _Array, _Array]: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
+def simd_level() -> str: ...

@@ -5,7 +5,7 @@ use pulp::Simd;
 
 use super::kernels::{grad_input_batch, grad_input_fixed, GradAccumulator, Split};
 use super::simd::{PartTask, SimdLevel};
-use super::{for_each_block, At, Part, Plan, SharedOut};
+use super::{for_each_block, At, Part, Passes, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
@@ -185,7 +185,7 @@ pub(crate) fn through_batch_stats<T: Element>(
     weight: Option<&[T]>,
     level: SimdLevel,
 ) -> Result<Vec<GradSums>> {
-    let plan = Plan::new(x.shape(), 2 * size_of::<T>(), level)?;
+    let plan = Plan::new(x.shape(), 2 * size_of::<T>(), Passes::Two, level)?;
     let dx = SharedOut::new(dx, x.shape());
     let channels = Channels::new(x, dy, &dx, mean, invstd, weight);
     if plan.whole_channels() {
@@ -207,7 +207,7 @@ pub(crate) fn through_fixed_stats<T: Element>(
     weight: Option<&[T]>,
     level: SimdLevel,
 ) -> Result<Vec<GradSums>> {
-    let plan = Plan::new(x.shape(), 2 * size_of::<T>(), level)?;
+    let plan = Plan::new(x.shape(), 2 * size_of::<T>(), Passes::One, level)?;
     let dx = SharedOut::new(dx, x.shape());
     let channels = Channels::new(x, dy, &dx, mean, invstd, weight);
     Ok(plan.per_channel(plan.run(&Fixed(&channels)), GradSums::add))

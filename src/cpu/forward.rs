@@ -2,7 +2,7 @@
 
 use super::kernels::{normalize, Moments, MomentsAccumulator, Split};
 use super::simd::{PartTask, SimdLevel};
-use super::{for_each_block, At, Part, Plan, SharedOut};
+use super::{for_each_block, At, Part, Passes, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
@@ -126,7 +126,7 @@ pub(crate) fn train<T: Element>(
     eps: f64,
     level: SimdLevel,
 ) -> Result<Vec<Moments>> {
-    let plan = Plan::new(x.shape(), size_of::<T>(), level)?;
+    let plan = Plan::new(x.shape(), size_of::<T>(), Passes::Two, level)?;
     let y = SharedOut::new(y, x.shape());
     let affine = |c: usize, m: &Moments| ChannelAffine::new(c, m.mean, inv_std(m.biased_var(), eps), weight, bias);
     if plan.whole_channels() {
@@ -141,7 +141,7 @@ pub(crate) fn train<T: Element>(
 
 /// Per-channel moments of `x` alone, for a backward whose forward statistics were not kept.
 pub(crate) fn statistics<T: Element>(x: &TensorRef<'_, T>, level: SimdLevel) -> Result<Vec<Moments>> {
-    let plan = Plan::new(x.shape(), size_of::<T>(), level)?;
+    let plan = Plan::new(x.shape(), size_of::<T>(), Passes::One, level)?;
     Ok(plan.per_channel(plan.run(&Statistics { x }), Moments::merge))
 }
 
@@ -152,7 +152,7 @@ pub(crate) fn eval<T: Element>(
     affine: &[ChannelAffine<T>],
     level: SimdLevel,
 ) -> Result<()> {
-    let plan = Plan::new(x.shape(), size_of::<T>(), level)?;
+    let plan = Plan::new(x.shape(), size_of::<T>(), Passes::One, level)?;
     let y = SharedOut::new(y, x.shape());
     plan.run(&Normalize { x, y: &y, affine });
     Ok(())

@@ -18,9 +18,9 @@ pub(crate) mod simd;
 
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::element::Element;
@@ -32,14 +32,26 @@ use simd::{PartTask, SimdLevel};
 /// Logical positions per block: small enough that a second pass over a block hits L1, and the
 /// size of the gather buffer for strided inputs.
 const BLOCK: usize = 2048;
-/// Below this many elements a call runs on the calling thread: waking the pool would cost more.
-const SEQUENTIAL_BELOW: usize = 1 << 16;
-/// Bytes of input a part of whole channels may span, so its second pass still hits L2.
-const PART_BYTES: usize = 512 << 10;
-/// A slice of a channel given to one task is never smaller than this many values.
-const MIN_SLICE: usize = 1 << 14;
-/// Aim for this many parts per thread so uneven channel counts still balance.
+/// Below this many bytes of input a call runs on the calling thread: waking a worker costs tens
+/// of microseconds, more than a second thread saves on less.
+const SEQUENTIAL_BELOW_BYTES: usize = 2 << 20;
+/// A two-pass part groups enough channels that each image contributes a contiguous run of at
+/// least this many bytes (long enough for the hardware prefetchers), while the group stays small
+/// enough that the second pass finds it in cache.
+const RUN_BYTES: usize = 16 << 10;
+/// A part is never smaller than this many values.
+const MIN_PART_VALUES: usize = 1 << 14;
+/// Aim for this many parts per thread so uneven work still balances.
 const PARTS_PER_THREAD: usize = 4;
+
+/// How many times a call reads its inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Passes {
+    /// One streaming pass (eval forward, backward through fixed statistics).
+    One,
+    /// Statistics, then a second pass that uses them (training forward and its backward).
+    Two,
+}
 
 /// One task's share of the work: the same range of logical positions in a group of channels.
 #[derive(Clone, Debug)]
@@ -59,20 +71,49 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// A plan for tensors of `shape` where each logical position reads `bytes_per_value` bytes
-    /// (one input for a forward, two for a backward).
-    pub fn new(shape: Shape, bytes_per_value: usize, level: SimdLevel) -> Result<Plan> {
+    /// (one input for a forward, two for a backward). One-pass work streams through memory in
+    /// contiguous image-major parts; two-pass work goes by channel groups.
+    pub fn new(shape: Shape, bytes_per_value: usize, passes: Passes, level: SimdLevel) -> Result<Plan> {
         let (c, per_channel) = (shape.c, shape.values_per_channel());
-        if shape.numel() < SEQUENTIAL_BELOW {
-            let parts = vec![Part { channels: 0..c, range: 0..per_channel }];
-            return Ok(Plan { parts, channels: c, whole_channels: true, pool: None, level });
-        }
-        let pool = threads::pool()?;
-        let wanted = PARTS_PER_THREAD * pool.current_num_threads();
-        let fits_in_cache = (PART_BYTES / (per_channel * bytes_per_value).max(1)).max(1);
-        let group = fits_in_cache.min(c.div_ceil(wanted)).max(1);
+        let everything = || vec![Part { channels: 0..c, range: 0..per_channel }];
+        let (pool, threads) =
+            if shape.numel() * bytes_per_value < SEQUENTIAL_BELOW_BYTES { (None, 1) } else { threads::pool()? };
+        let Some(pool) = pool else {
+            return Ok(Plan { parts: everything(), channels: c, whole_channels: true, pool: None, level });
+        };
+        let wanted = PARTS_PER_THREAD * threads;
+        let parts = match passes {
+            Passes::One => Self::image_major(shape, wanted),
+            Passes::Two => Self::channel_groups(shape, bytes_per_value, wanted),
+        };
+        let whole_channels = parts.iter().all(|p| p.range.len() == per_channel);
+        Ok(Plan { parts, channels: c, whole_channels, pool: Some(pool), level })
+    }
+
+    /// Contiguous stretches of the tensor: every channel, a range of images (or of one image).
+    fn image_major(shape: Shape, wanted: usize) -> Vec<Part> {
+        let per_channel = shape.values_per_channel();
+        let slices = wanted.min(shape.numel() / MIN_PART_VALUES).max(1);
+        let boundary = |s: usize| {
+            if shape.n >= slices {
+                s * shape.n / slices * shape.plane()
+            } else {
+                s * per_channel / slices
+            }
+        };
+        (0..slices).map(|s| Part { channels: 0..shape.c, range: boundary(s)..boundary(s + 1) }).collect()
+    }
+
+    /// Groups of whole channels (see [`RUN_BYTES`]), or slices of single channels when there are
+    /// too few channels to keep every thread busy.
+    fn channel_groups(shape: Shape, bytes_per_value: usize, wanted: usize) -> Vec<Part> {
+        let (c, per_channel) = (shape.c, shape.values_per_channel());
+        let contiguous_run = RUN_BYTES.div_ceil((shape.plane() * bytes_per_value).max(1));
+        let group = contiguous_run.min(c.div_ceil(wanted)).max(1);
         let groups = c.div_ceil(group);
-        let slices = if groups >= wanted { 1 } else { wanted.div_ceil(groups).min(per_channel / MIN_SLICE).max(1) };
-        let parts = (0..groups)
+        let slices =
+            if groups >= wanted { 1 } else { wanted.div_ceil(groups).min(per_channel / MIN_PART_VALUES).max(1) };
+        (0..groups)
             .flat_map(|g| {
                 let channels = g * group..((g + 1) * group).min(c);
                 (0..slices).map(move |s| Part {
@@ -80,8 +121,7 @@ impl Plan {
                     range: s * per_channel / slices..(s + 1) * per_channel / slices,
                 })
             })
-            .collect();
-        Ok(Plan { parts, channels: c, whole_channels: slices == 1, pool: Some(pool), level })
+            .collect()
     }
 
     /// Whether every part holds whole channels, so one task can make both passes over them.
@@ -90,12 +130,24 @@ impl Plan {
     }
 
     /// Runs `task` on every part, in parallel when the call is large enough; results in part order.
+    /// The calling thread and the workers take parts from one counter until none are left.
     pub fn run<K: PartTask>(&self, task: &K) -> Vec<K::Output> {
         let one = |part: &Part| simd::dispatch(self.level, task, part);
-        match &self.pool {
-            Some(pool) => pool.install(|| self.parts.par_iter().map(one).collect()),
-            None => self.parts.iter().map(one).collect(),
-        }
+        let Some(pool) = &self.pool else { return self.parts.iter().map(one).collect() };
+        let results: Vec<OnceLock<K::Output>> = self.parts.iter().map(|_| OnceLock::new()).collect();
+        let next = AtomicUsize::new(0);
+        let take_parts = || loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = self.parts.get(index) else { break };
+            let _ = results[index].set(one(part));
+        };
+        pool.in_place_scope(|scope| {
+            for _ in 0..pool.current_num_threads() {
+                scope.spawn(|_| take_parts());
+            }
+            take_parts();
+        });
+        results.into_iter().map(|slot| slot.into_inner().expect("every part ran exactly once")).collect()
     }
 
     /// Folds each part's per-channel results into one result per channel.
@@ -199,13 +251,14 @@ mod tests {
     use super::simd::SimdLevel;
     use crate::shape::{Shape, TensorRef};
 
-    const SHAPES: [Shape; 6] = [
-        Shape::new(3, 5, 7, 7),     // sequential, planes not a whole number of vectors
-        Shape::new(4, 64, 16, 16),  // channel groups
-        Shape::new(8, 3, 64, 64),   // slices of channels
-        Shape::new(2, 2, 101, 103), // odd planes, split channels
-        Shape::new(64, 256, 1, 1),  // one value per plane
-        Shape::new(2, 3, 1, 17),    // vector plus tail
+    const SHAPES: [Shape; 7] = [
+        Shape::new(3, 5, 7, 7),      // sequential, planes not a whole number of vectors
+        Shape::new(16, 64, 16, 16),  // image-major parts
+        Shape::new(16, 16, 40, 40),  // channel groups
+        Shape::new(16, 3, 64, 64),   // slices of channels
+        Shape::new(2, 2, 301, 303),  // odd planes, one image per slice boundary
+        Shape::new(1024, 128, 1, 1), // one value per plane, in parallel
+        Shape::new(2, 3, 1, 17),     // vector plus tail
     ];
 
     /// Pseudo-random values in [offset, offset + 1), independent across seeds (xorshift).

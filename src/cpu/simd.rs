@@ -17,7 +17,7 @@ use super::Part;
 
 /// Work on one [`Part`], compiled once per instruction set.
 pub(crate) trait PartTask: Sync {
-    type Output: Send;
+    type Output: Send + Sync;
     /// Implementations must be `#[inline(always)]`.
     fn run<S: Simd>(&self, simd: S, part: &Part) -> Self::Output;
 }
