@@ -30,6 +30,7 @@ lint: ## rustfmt, clippy with and without the python feature, ruff and mypy.stub
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	$(PYTHON) -m ruff check python tests
+	$(PYTHON) -m ruff format --check python tests
 	$(PYTHON) -m mypy.stubtest batchnorm._core
 
 .PHONY: bench-rust

@@ -18,8 +18,7 @@ def per_channel(v):
 
 
 class ReferenceBatchNorm2d:
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, bias=True):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, bias=True):
         c = num_features
         self.eps, self.momentum = eps, momentum
         self.track = track_running_stats
@@ -88,9 +87,9 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         raw = f.read()
     (header_len,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     header.pop("__metadata__", None)
-    data = raw[8 + header_len:]
+    data = raw[8 + header_len :]
     out = {}
     for name, info in header.items():
         start, end = info["data_offsets"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import batchnorm
+
 from reference import ReferenceBatchNorm2d
 
 CASES = {

@@ -102,11 +102,14 @@ def test_backward_before_forward():
     assert m.grad_weight is None
 
 
-@pytest.mark.parametrize("grad,error,words", [
-    (np.zeros((2, 3, 4, 5), np.float32), ValueError, ["grad_output", "(2, 3, 4, 4)", "(2, 3, 4, 5)"]),
-    (np.zeros((2, 3, 4, 4), np.float64), TypeError, ["grad_output", "float32", "float64"]),
-    ("nope", TypeError, ["grad_output", "str"]),
-])
+@pytest.mark.parametrize(
+    "grad,error,words",
+    [
+        (np.zeros((2, 3, 4, 5), np.float32), ValueError, ["grad_output", "(2, 3, 4, 4)", "(2, 3, 4, 5)"]),
+        (np.zeros((2, 3, 4, 4), np.float64), TypeError, ["grad_output", "float32", "float64"]),
+        ("nope", TypeError, ["grad_output", "str"]),
+    ],
+)
 def test_bad_grad_output(trained, grad, error, words):
     before = state_snapshot(trained)
     with pytest.raises(error) as info:
@@ -116,18 +119,21 @@ def test_bad_grad_output(trained, grad, error, words):
     assert_same_state(before, state_snapshot(trained))
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(num_features=0), ValueError, ["num_features", "positive", "0"]),
-    (dict(num_features=-3), ValueError, ["num_features", "-3"]),
-    (dict(num_features=2.5), TypeError, ["num_features", "float"]),
-    (dict(num_features=3, dtype="int32"), TypeError, ["float32 or float64", "int32"]),
-    (dict(num_features=3, dtype=np.float16), TypeError, ["float32 or float64", "float16"]),
-    (dict(num_features=3, dtype="not-a-dtype"), TypeError, ["float32 or float64", "not-a-dtype"]),
-    (dict(num_features=3, device="cuda"), RuntimeError, ["cuda", "CUDA"]),
-    (dict(num_features=3, device="cuda:1"), RuntimeError, ["cuda:1"]),
-    (dict(num_features=3, device="tpu"), ValueError, ["tpu", "cpu"]),
-    (dict(num_features=3, device=3), TypeError, ["device", "int"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(num_features=0), ValueError, ["num_features", "positive", "0"]),
+        (dict(num_features=-3), ValueError, ["num_features", "-3"]),
+        (dict(num_features=2.5), TypeError, ["num_features", "float"]),
+        (dict(num_features=3, dtype="int32"), TypeError, ["float32 or float64", "int32"]),
+        (dict(num_features=3, dtype=np.float16), TypeError, ["float32 or float64", "float16"]),
+        (dict(num_features=3, dtype="not-a-dtype"), TypeError, ["float32 or float64", "not-a-dtype"]),
+        (dict(num_features=3, device="cuda"), RuntimeError, ["cuda", "CUDA"]),
+        (dict(num_features=3, device="cuda:1"), RuntimeError, ["cuda:1"]),
+        (dict(num_features=3, device="tpu"), ValueError, ["tpu", "cpu"]),
+        (dict(num_features=3, device=3), TypeError, ["device", "int"]),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, error, words):
     with pytest.raises(error) as info:
         batchnorm.BatchNorm2d(**kwargs)
@@ -135,12 +141,15 @@ def test_bad_constructor_arguments(kwargs, error, words):
         assert word in str(info.value), (word, str(info.value))
 
 
-@pytest.mark.parametrize("name,value,error,words", [
-    ("weight", np.ones(4, np.float32), ValueError, ["weight", "(3,)", "(4,)"]),
-    ("weight", np.ones(3, np.float64), TypeError, ["weight", "float32", "float64"]),
-    ("bias", [1.0, 2.0, 3.0], TypeError, ["bias", "list"]),
-    ("running_var", np.ones((3, 1), np.float32), ValueError, ["running_var", "(3,)", "(3, 1)"]),
-])
+@pytest.mark.parametrize(
+    "name,value,error,words",
+    [
+        ("weight", np.ones(4, np.float32), ValueError, ["weight", "(3,)", "(4,)"]),
+        ("weight", np.ones(3, np.float64), TypeError, ["weight", "float32", "float64"]),
+        ("bias", [1.0, 2.0, 3.0], TypeError, ["bias", "list"]),
+        ("running_var", np.ones((3, 1), np.float32), ValueError, ["running_var", "(3,)", "(3, 1)"]),
+    ],
+)
 def test_bad_assignment(trained, name, value, error, words):
     before = state_snapshot(trained)
     with pytest.raises(error) as info:
@@ -182,11 +191,14 @@ def test_load_state_dict_wrong_shape_names_key_and_shapes(trained):
     assert_same_state(before, state_snapshot(trained))
 
 
-@pytest.mark.parametrize("state,error", [
-    ("not a mapping", TypeError),
-    ({"weight": np.array(["a", "b", "c"])}, TypeError),
-    ({1: np.ones(3)}, TypeError),
-])
+@pytest.mark.parametrize(
+    "state,error",
+    [
+        ("not a mapping", TypeError),
+        ({"weight": np.array(["a", "b", "c"])}, TypeError),
+        ({1: np.ones(3)}, TypeError),
+    ],
+)
 def test_load_state_dict_bad_values(trained, state, error):
     before = state_snapshot(trained)
     with pytest.raises(error):

@@ -28,8 +28,9 @@ def test_batch_norm_updates_buffers_in_place(rng, dtype, training):
     np.testing.assert_allclose(rm, ref.running_mean, **tol(dtype))
     np.testing.assert_allclose(rv, ref.running_var, **tol(dtype))
     dy = rng.standard_normal(x.shape).astype(dtype)
-    dx, dw, db = batch_norm_backward(dy, x, rm if not training else None, rv if not training else None,
-                                     w, training=training, eps=1e-4)
+    dx, dw, db = batch_norm_backward(
+        dy, x, rm if not training else None, rv if not training else None, w, training=training, eps=1e-4
+    )
     if not training:  # the reference normalized with the buffers as they were before
         ref.running_mean, ref.running_var = rm.astype(np.float64), rv.astype(np.float64)
         ref.forward(x)

@@ -43,9 +43,15 @@ def test_functional_backward_matches_finite_differences(rng, training, shape):
     np.testing.assert_allclose(db, gb, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("options", [
-    dict(), dict(affine=False), dict(bias=False), dict(track_running_stats=False),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(affine=False),
+        dict(bias=False),
+        dict(track_running_stats=False),
+    ],
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_module_backward_matches_finite_differences(rng, options, training):
     shape = (2, 3, 3, 2)

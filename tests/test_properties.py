@@ -9,22 +9,28 @@ import batchnorm
 from helpers import layouts, pair
 from reference import ReferenceBatchNorm2d
 
-configs = st.fixed_dictionaries({
-    "momentum": st.one_of(st.none(), st.floats(0.0, 1.0)),
-    "affine": st.booleans(),
-    "bias": st.booleans(),
-    "track_running_stats": st.booleans(),
-    "eps": st.sampled_from([1e-5, 1e-3, 0.1]),
-})
+configs = st.fixed_dictionaries(
+    {
+        "momentum": st.one_of(st.none(), st.floats(0.0, 1.0)),
+        "affine": st.booleans(),
+        "bias": st.booleans(),
+        "track_running_stats": st.booleans(),
+        "eps": st.sampled_from([1e-5, 1e-3, 0.1]),
+    }
+)
 
 shapes = st.tuples(st.integers(0, 4), st.integers(1, 6), st.integers(1, 6), st.integers(1, 6))
 
 
 @settings(max_examples=150, deadline=None)
-@given(shape=shapes, dtype=st.sampled_from([np.float32, np.float64]), config=configs,
-       modes=st.lists(st.booleans(), min_size=1, max_size=3),
-       layout=st.sampled_from(sorted(layouts(np.zeros((1, 1, 1, 1))).keys())),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    shape=shapes,
+    dtype=st.sampled_from([np.float32, np.float64]),
+    config=configs,
+    modes=st.lists(st.booleans(), min_size=1, max_size=3),
+    layout=st.sampled_from(sorted(layouts(np.zeros((1, 1, 1, 1))).keys())),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_matches_reference(shape, dtype, config, modes, layout, seed):
     rng = np.random.default_rng(seed)
     m, ref = pair(shape[1], dtype, **config)
@@ -57,9 +63,12 @@ def test_matches_reference(shape, dtype, config, modes, layout, seed):
 
 
 @settings(max_examples=50, deadline=None)
-@given(offset=st.sampled_from([0.0, 1e2, 1e4]), scale=st.sampled_from([1e-3, 1.0, 1e3]),
-       shape=st.tuples(st.integers(2, 8), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    offset=st.sampled_from([0.0, 1e2, 1e4]),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    shape=st.tuples(st.integers(2, 8), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_normalized_output_has_zero_mean_unit_variance(offset, scale, shape, seed):
     x = (np.random.default_rng(seed).standard_normal(shape) * scale + offset).astype(np.float64)
     y = batchnorm.BatchNorm2d(shape[1], eps=0.0, dtype=np.float64)(x)

@@ -8,14 +8,14 @@ import batchnorm
 from helpers import layouts, pair, tol
 
 SHAPES = [
-    (4, 3, 1, 1),      # H·W = 1
-    (2, 5, 7, 7),      # 7×7
-    (3, 5, 11, 13),    # odd sizes
-    (5, 1, 8, 8),      # C = 1
-    (2, 512, 3, 3),    # C = 512
-    (2, 4, 1, 1),      # n = 2 values per channel
-    (1, 3, 1, 2),      # n = 2 values per channel, N = 1
-    (8, 3, 64, 64),    # few channels, large: channels split across tasks
+    (4, 3, 1, 1),  # H·W = 1
+    (2, 5, 7, 7),  # 7×7
+    (3, 5, 11, 13),  # odd sizes
+    (5, 1, 8, 8),  # C = 1
+    (2, 512, 3, 3),  # C = 512
+    (2, 4, 1, 1),  # n = 2 values per channel
+    (1, 3, 1, 2),  # n = 2 values per channel, N = 1
+    (8, 3, 64, 64),  # few channels, large: channels split across tasks
     (1, 2, 300, 300),  # one image, two channels: split within a channel
     (20, 100, 35, 45),  # the documentation's example
 ]
@@ -52,13 +52,16 @@ def test_training_sequence_then_eval(rng, momentum, dtype):
     assert m.num_batches_tracked == 4
 
 
-@pytest.mark.parametrize("options", [
-    dict(affine=False),
-    dict(bias=False),
-    dict(track_running_stats=False),
-    dict(affine=False, track_running_stats=False),
-    dict(eps=1e-3, momentum=0.3),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(affine=False),
+        dict(bias=False),
+        dict(track_running_stats=False),
+        dict(affine=False, track_running_stats=False),
+        dict(eps=1e-3, momentum=0.3),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_options(rng, options, dtype):
     m, ref = pair(4, dtype, **options)
@@ -256,10 +259,17 @@ def test_attributes_and_repr():
             setattr(m, name, 1)
 
 
-@pytest.mark.parametrize("dtype,expected", [
-    (None, np.float32), ("float32", np.float32), (np.float32, np.float32),
-    ("float64", np.float64), (np.float64, np.float64), (np.dtype("float64"), np.float64),
-])
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        (None, np.float32),
+        ("float32", np.float32),
+        (np.float32, np.float32),
+        ("float64", np.float64),
+        (np.float64, np.float64),
+        (np.dtype("float64"), np.float64),
+    ],
+)
 def test_dtype_spellings(dtype, expected):
     m = batchnorm.BatchNorm2d(2, dtype=dtype)
     assert m.dtype == expected and m.weight.dtype == expected
@@ -292,8 +302,9 @@ def test_state_dict_round_trip(rng):
 
 def test_load_state_dict_non_strict_and_casts():
     m = batchnorm.BatchNorm2d(2)
-    missing, unexpected = m.load_state_dict({"weight": np.array([2.0, 3.0]), "extra": np.zeros(1),
-                                             "num_batches_tracked": np.array([7])}, strict=False)
+    missing, unexpected = m.load_state_dict(
+        {"weight": np.array([2.0, 3.0]), "extra": np.zeros(1), "num_batches_tracked": np.array([7])}, strict=False
+    )
     assert missing == ["bias", "running_mean", "running_var"] and unexpected == ["extra"]
     np.testing.assert_array_equal(m.weight, [2.0, 3.0])
     assert m.weight.dtype == np.float32 and m.num_batches_tracked == 7
@@ -315,7 +326,7 @@ def test_pytorch_network_checkpoint_layers(fixtures, rng):
 
     checkpoint = read_safetensors(fixtures / "pytorch_small_net.safetensors")
     for prefix, c, momentum in (("1.", 4, 0.1), ("4.", 6, None)):
-        layer = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+        layer = {k[len(prefix) :]: v for k, v in checkpoint.items() if k.startswith(prefix)}
         m = batchnorm.BatchNorm2d(c, momentum=momentum)
         assert m.load_state_dict(layer) == ([], [])
         assert m.num_batches_tracked == 3

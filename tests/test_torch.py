@@ -41,10 +41,19 @@ def step(m, t, x, dy, dtype):
             np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [
-    dict(), dict(momentum=None), dict(momentum=0.5), dict(affine=False), dict(bias=False),
-    dict(track_running_stats=False), dict(eps=1e-3),
-], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(momentum=None),
+        dict(momentum=0.5),
+        dict(affine=False),
+        dict(bias=False),
+        dict(track_running_stats=False),
+        dict(eps=1e-3),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_training_and_eval_against_torch(rng, options, dtype):
     m, t = torch_pair(5, dtype, **options)
@@ -55,8 +64,20 @@ def test_training_and_eval_against_torch(rng, options, dtype):
         step(m, t, x, rng.standard_normal(x.shape).astype(dtype), dtype)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 1, 1), (2, 5, 7, 7), (3, 5, 11, 13), (5, 1, 8, 8), (2, 512, 3, 3),
-                                   (2, 4, 1, 1), (8, 3, 64, 64), (20, 100, 35, 45)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4, 3, 1, 1),
+        (2, 5, 7, 7),
+        (3, 5, 11, 13),
+        (5, 1, 8, 8),
+        (2, 512, 3, 3),
+        (2, 4, 1, 1),
+        (8, 3, 64, 64),
+        (20, 100, 35, 45),
+    ],
+    ids=str,
+)
 def test_shapes_against_torch(rng, shape):
     m, t = torch_pair(shape[1], np.float32)
     for training in (True, False):
@@ -83,8 +104,16 @@ def test_functional_against_torch(rng):
     trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
     for training in (True, False):
         y = batchnorm.functional.batch_norm(x, rm, rv, w, b, training=training, momentum=0.2, eps=1e-4)
-        ty = torch.nn.functional.batch_norm(torch.from_numpy(x), trm, trv, torch.from_numpy(w), torch.from_numpy(b),
-                                            training=training, momentum=0.2, eps=1e-4)
+        ty = torch.nn.functional.batch_norm(
+            torch.from_numpy(x),
+            trm,
+            trv,
+            torch.from_numpy(w),
+            torch.from_numpy(b),
+            training=training,
+            momentum=0.2,
+            eps=1e-4,
+        )
         np.testing.assert_allclose(y, ty.numpy(), rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-12)
         np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-12)

@@ -164,12 +164,19 @@ def run(shapes, dtypes, thread_counts, budget, max_rounds, torch):
                     medians = interleaved_medians(implementations(shape, dtype, op, torch), budget, max_rounds)
                     floor = medians["memcpy"]
                     for name, seconds in medians.items():
-                        rows.append({
-                            "dtype": np.dtype(dtype).name, "threads": threads, "shape": list(shape), "op": op,
-                            "impl": name, "median_s": seconds, "vs_memcpy": seconds / floor,
-                            "vs_torch": seconds / medians["torch"] if "torch" in medians else None,
-                        })
-                    print(format_group(rows[-len(medians):]), flush=True)
+                        rows.append(
+                            {
+                                "dtype": np.dtype(dtype).name,
+                                "threads": threads,
+                                "shape": list(shape),
+                                "op": op,
+                                "impl": name,
+                                "median_s": seconds,
+                                "vs_memcpy": seconds / floor,
+                                "vs_torch": seconds / medians["torch"] if "torch" in medians else None,
+                            }
+                        )
+                    print(format_group(rows[-len(medians) :]), flush=True)
     return rows
 
 
@@ -178,7 +185,9 @@ def format_group(rows):
     head = f"{first['dtype']:7s} {first['threads']:2d}t {str(tuple(first['shape'])):18s} {first['op']:8s}"
     cells = []
     for row in rows:
-        torch_ratio = f", {1 / row['vs_torch']:.1f}x faster than torch" if row["impl"] == "batchnorm" and row["vs_torch"] else ""
+        torch_ratio = (
+            f", {1 / row['vs_torch']:.1f}x faster than torch" if row["impl"] == "batchnorm" and row["vs_torch"] else ""
+        )
         cells.append(f"{row['impl']} {row['median_s'] * 1e3:.3f} ms ({row['vs_memcpy']:.2f}x{torch_ratio})")
     return head + " | " + " | ".join(cells)
 
@@ -190,8 +199,14 @@ def machine_description():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "simd": batchnorm.simd_level(), "python": platform.python_version(),
-            "numpy": np.__version__, "batchnorm": getattr(batchnorm, "__version__", "dev")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "simd": batchnorm.simd_level(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "batchnorm": getattr(batchnorm, "__version__", "dev"),
+    }
 
 
 def draw_chart(rows, path, dtype="float32"):
@@ -211,14 +226,24 @@ def draw_chart(rows, path, dtype="float32"):
         shapes = list(dict.fromkeys(tuple(r["shape"]) for r in chosen if r["op"] == op))
         width = 0.8 / len(names)
         for i, name in enumerate(names):
-            ratios = [next((r["vs_memcpy"] for r in chosen if r["op"] == op and r["impl"] == name
-                            and tuple(r["shape"]) == s), np.nan) for s in shapes]
+            ratios = [
+                next(
+                    (r["vs_memcpy"] for r in chosen if r["op"] == op and r["impl"] == name and tuple(r["shape"]) == s),
+                    np.nan,
+                )
+                for s in shapes
+            ]
             axis.bar(np.arange(len(shapes)) + i * width, ratios, width, label=name)
         axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         axis.set_yscale("log")
         axis.set_title(f"{op} ({dtype}, {threads} threads)")
-        axis.set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, ["×".join(map(str, s)) for s in shapes],
-                        rotation=30, ha="right", fontsize=8)
+        axis.set_xticks(
+            np.arange(len(shapes)) + 0.4 - width / 2,
+            ["×".join(map(str, s)) for s in shapes],
+            rotation=30,
+            ha="right",
+            fontsize=8,
+        )
     axes[0].set_ylabel("time / memcpy of the same tensor (log)")
     axes[0].legend()
     fig.tight_layout()
@@ -234,7 +259,9 @@ QUIET_THREADS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
 
 def main(argv=None):
     if any(os.environ.get(k) != v for k, v in QUIET_THREADS.items()) and argv is None:
-        os.execve(sys.executable, [sys.executable, "-m", "batchnorm.bench", *sys.argv[1:]], {**os.environ, **QUIET_THREADS})
+        os.execve(
+            sys.executable, [sys.executable, "-m", "batchnorm.bench", *sys.argv[1:]], {**os.environ, **QUIET_THREADS}
+        )
     parser = argparse.ArgumentParser(prog="python -m batchnorm.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds: under a minute")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")

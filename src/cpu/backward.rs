@@ -62,13 +62,12 @@ impl<'a, T: Element> Channels<'a, T> {
                 also(at, xs, gs);
             },
         );
-        channels
-            .into_iter()
-            .map(|acc| {
-                let (sum_dy, sum_dy_xmu) = acc.finish();
-                GradSums { sum_dy, sum_dy_xmu }
-            })
-            .collect()
+        let mut sums = Vec::with_capacity(channels.len());
+        for channel in channels {
+            let (sum_dy, sum_dy_xmu) = channel.finish();
+            sums.push(GradSums { sum_dy, sum_dy_xmu });
+        }
+        sums
     }
 
     /// dx through batch statistics, given the channels' complete sums.

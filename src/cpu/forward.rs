@@ -34,7 +34,11 @@ fn moments_of<T: Element, S: Simd>(simd: S, x: &TensorRef<'_, T>, part: &Part) -
         #[inline(always)]
         |at: At, [xs]| channels[at.c - part.channels.start].add(xs),
     );
-    channels.into_iter().map(MomentsAccumulator::finish).collect()
+    let mut moments = Vec::with_capacity(channels.len());
+    for channel in channels {
+        moments.push(channel.finish());
+    }
+    moments
 }
 
 #[inline(always)]

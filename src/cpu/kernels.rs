@@ -140,14 +140,17 @@ impl<T: Element, S: Simd> LaneSums<T, S> {
         let (y_head, y_tail) = T::split::<S>(ys);
         let (x_pairs, x_rest) = pulp::as_arrays::<2, _>(x_head);
         let (y_pairs, y_rest) = pulp::as_arrays::<2, _>(y_head);
+        // Locals, not fields: LLVM keeps them in registers across the loop.
+        let (mut a, mut b) = (self.a, self.b);
         for (x, y) in x_pairs.iter().zip(y_pairs) {
             for i in 0..2 {
-                (self.a[i], self.b[i]) = f(x[i], y[i], self.a[i], self.b[i]);
+                (a[i], b[i]) = f(x[i], y[i], a[i], b[i]);
             }
         }
         for (&x, &y) in x_rest.iter().zip(y_rest) {
-            (self.a[0], self.b[0]) = f(x, y, self.a[0], self.b[0]);
+            (a[0], b[0]) = f(x, y, a[0], b[0]);
         }
+        (self.a, self.b) = (a, b);
         for (&x, &y) in x_tail.iter().zip(y_tail) {
             let (a, b) = tail(x, y);
             self.tail_a += a;

@@ -38,7 +38,7 @@ const SEQUENTIAL_BELOW_BYTES: usize = 2 << 20;
 /// A two-pass part groups enough channels that each image contributes a contiguous run of at
 /// least this many bytes (long enough for the hardware prefetchers), while the group stays small
 /// enough that the second pass finds it in cache.
-const RUN_BYTES: usize = 16 << 10;
+const RUN_BYTES: usize = 64 << 10;
 /// A part is never smaller than this many values.
 const MIN_PART_VALUES: usize = 1 << 14;
 /// Aim for this many parts per thread so uneven work still balances.
