@@ -11,7 +11,9 @@
 //!   (`src/functional.rs`), which validates arguments and dispatches to
 //! - the CPU kernels in `src/cpu/`: **the CPU training forward is `cpu::forward::train`**
 //!   (`src/cpu/forward.rs`), the eval forward `cpu::forward::eval` beside it, and the backward
-//!   passes in `src/cpu/backward.rs`; the innermost per-block loops are in `src/cpu/kernels.rs`;
+//!   passes in `src/cpu/backward.rs`; the innermost per-block loops are in `src/cpu/kernels.rs`,
+//!   written once for scalar, AVX2, AVX-512 and NEON and dispatched at run time in
+//!   `src/cpu/simd.rs` ([`SimdLevel`]); how work is split across threads is in `src/cpu/mod.rs`;
 //! - shapes and strided views, [`Shape`] and [`TensorRef`] (`src/shape.rs`);
 //! - the one error type, [`Error`] (`src/error.rs`), mapped to Python exceptions in
 //!   `src/python.rs`, the only file that knows PyO3;

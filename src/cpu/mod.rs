@@ -6,10 +6,13 @@
 //! - backward: [`backward::through_batch_stats`] and [`backward::through_fixed_stats`];
 //! - the per-block loops: [`kernels`]; the SIMD dispatch point: [`simd`].
 //!
-//! Work is cut into [`Part`]s. A part is a group of whole channels sized to fit in L2, walked
-//! image by image so that small planes (7×7, 14×14) are read as contiguous runs; when there are
-//! fewer channels than threads, a part is a slice of one channel, and the partial results of a
-//! channel's slices are merged between the two passes.
+//! Work is cut into [`Part`]s, which the calling thread and the pool's workers take in turn (see
+//! [`Plan`]). Two-pass work (training forward and its backward) takes groups of whole channels,
+//! walked image by image in contiguous runs of at least [`RUN_BYTES`] (so 7×7 planes stream as
+//! well as 224×224 ones), and makes both passes over a group while it is still in cache. When
+//! there are too few channels to keep every thread busy, a part is a slice of a channel and the
+//! slices' partial results are merged between the passes. One-pass work (eval) streams through
+//! contiguous image-major stretches. Calls under [`SEQUENTIAL_BELOW_BYTES`] run on the caller.
 
 pub(crate) mod backward;
 pub(crate) mod forward;
@@ -75,11 +78,11 @@ impl Plan {
     /// contiguous image-major parts; two-pass work goes by channel groups.
     pub fn new(shape: Shape, bytes_per_value: usize, passes: Passes, level: SimdLevel) -> Result<Plan> {
         let (c, per_channel) = (shape.c, shape.values_per_channel());
-        let everything = || vec![Part { channels: 0..c, range: 0..per_channel }];
         let (pool, threads) =
             if shape.numel() * bytes_per_value < SEQUENTIAL_BELOW_BYTES { (None, 1) } else { threads::pool()? };
         let Some(pool) = pool else {
-            return Ok(Plan { parts: everything(), channels: c, whole_channels: true, pool: None, level });
+            let everything = vec![Part { channels: 0..c, range: 0..per_channel }];
+            return Ok(Plan { parts: everything, channels: c, whole_channels: true, pool: None, level });
         };
         let wanted = PARTS_PER_THREAD * threads;
         let parts = match passes {
