@@ -353,3 +353,8 @@ def test_thread_count_does_not_change_results(rng):
     for y, dx in results[1:]:
         np.testing.assert_allclose(y, results[0][0], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dx, results[0][1], rtol=1e-9, atol=1e-12)
+
+
+def test_module_reports_version_and_simd_level():
+    assert batchnorm.__version__.count(".") == 2
+    assert batchnorm.simd_level() in {"scalar", "avx2", "avx512", "neon"}

@@ -5,7 +5,15 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
 
-__all__ = ["BatchNorm2d", "batch_norm", "batch_norm_backward", "get_num_threads", "set_num_threads", "simd_level"]
+__all__ = [
+    "BatchNorm2d",
+    "__version__",
+    "batch_norm",
+    "batch_norm_backward",
+    "get_num_threads",
+    "set_num_threads",
+    "simd_level",
+]
 
 __version__: str
 
