@@ -4,7 +4,7 @@
 use pulp::Simd;
 
 use super::kernels::{grad_input_batch, grad_input_fixed, GradAccumulator, Split};
-use super::simd::{PartTask, SimdLevel};
+use super::simd::{store_fence, PartTask, SimdLevel};
 use super::{for_each_block, At, Part, Passes, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
@@ -90,9 +90,12 @@ impl<'a, T: Element> Channels<'a, T> {
                 let (mean_dy, k, scale) = coefficients[at.c - part.channels.start];
                 // SAFETY: parts are disjoint and this task owns every block of its part.
                 let out = unsafe { self.dx.block(at, xs.len()) };
-                grad_input_batch(simd, xs, gs, out, self.mean[at.c], mean_dy, k, scale);
+                grad_input_batch(simd, self.dx.stream(), xs, gs, out, self.mean[at.c], mean_dy, k, scale);
             },
         );
+        if self.dx.stream() {
+            store_fence();
+        }
     }
 }
 
@@ -160,16 +163,20 @@ impl<T: Element> PartTask for Fixed<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<GradSums> {
         let channels = self.0;
-        channels.sums(
+        let sums = channels.sums(
             simd,
             part,
             #[inline(always)]
             |at: At, _, gs| {
                 // SAFETY: parts are disjoint and this task owns every block of its part.
                 let out = unsafe { channels.dx.block(at, gs.len()) };
-                grad_input_fixed(simd, gs, out, T::from_f64(channels.scale[at.c]));
+                grad_input_fixed(simd, channels.dx.stream(), gs, out, T::from_f64(channels.scale[at.c]));
             },
-        )
+        );
+        if channels.dx.stream() {
+            store_fence();
+        }
+        sums
     }
 }
 

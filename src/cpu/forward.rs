@@ -1,7 +1,7 @@
 //! The CPU forward passes.
 
 use super::kernels::{normalize, Moments, MomentsAccumulator, Split};
-use super::simd::{PartTask, SimdLevel};
+use super::simd::{store_fence, PartTask, SimdLevel};
 use super::{for_each_block, At, Part, Passes, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
@@ -57,9 +57,12 @@ fn normalize_part<T: Element, S: Simd>(
             let a = affine(at.c);
             // SAFETY: parts are disjoint and this task owns every block of its part.
             let ys = unsafe { y.block(at, xs.len()) };
-            normalize(simd, xs, ys, a.mean, a.scale, a.offset);
+            normalize(simd, y.stream(), xs, ys, a.mean, a.scale, a.offset);
         },
     );
+    if y.stream() {
+        store_fence();
+    }
 }
 
 struct Statistics<'a, T> {

@@ -274,19 +274,73 @@ impl<T: Element, S: Simd> GradAccumulator<T, S> {
     }
 }
 
+/// Writes `out[i] = f(inputs[..][i])`, vector by vector. With `stream`, whole vectors go to memory
+/// with non-temporal stores from the first vector-aligned position on; the unaligned head and the
+/// tail are written one value at a time.
+#[inline(always)]
+fn write_each<T: Element, S: Simd, const K: usize>(
+    stream: bool,
+    inputs: [&[T]; K],
+    out: &mut [T],
+    vector: impl Fn([T::V<S>; K]) -> T::V<S>,
+    scalar: impl Fn([T; K]) -> T,
+) {
+    let head = if stream { out.as_ptr().align_offset(size_of::<T::V<S>>()).min(out.len()) } else { 0 };
+    for (i, slot) in out[..head].iter_mut().enumerate() {
+        *slot = scalar(inputs.map(
+            #[inline(always)]
+            |values| values[i],
+        ));
+    }
+    let (out_vectors, out_tail) = T::split_mut::<S>(&mut out[head..]);
+    let split = inputs.map(
+        #[inline(always)]
+        |values| T::split::<S>(&values[head..]),
+    );
+    for (j, slot) in out_vectors.iter_mut().enumerate() {
+        let v = vector(split.map(
+            #[inline(always)]
+            |(vectors, _)| vectors[j],
+        ));
+        if stream {
+            // SAFETY: `slot` is a whole vector of `out`, aligned to the vector's size (the head
+            // above stops at the first aligned position); the part's writer fences afterwards.
+            unsafe { T::vstream::<S>((slot as *mut T::V<S>).cast::<T>(), v) };
+        } else {
+            *slot = v;
+        }
+    }
+    for (i, slot) in out_tail.iter_mut().enumerate() {
+        *slot = scalar(split.map(
+            #[inline(always)]
+            |(_, tail)| tail[i],
+        ));
+    }
+}
+
 /// y = (x − mean) · scale + offset: one fused multiply-add per value.
 #[inline(always)]
-pub(crate) fn normalize<T: Element, S: Simd>(simd: S, xs: &[T], ys: &mut [T], mean: Split<T>, scale: T, offset: T) {
-    let (x_head, x_tail) = T::split::<S>(xs);
-    let (y_head, y_tail) = T::split_mut::<S>(ys);
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalize<T: Element, S: Simd>(
+    simd: S,
+    stream: bool,
+    xs: &[T],
+    ys: &mut [T],
+    mean: Split<T>,
+    scale: T,
+    offset: T,
+) {
     let mean_v = SplitV::new(simd, mean);
     let (scale_v, offset_v) = (T::vsplat(simd, scale), T::vsplat(simd, offset));
-    for (x, y) in x_head.iter().zip(y_head) {
-        *y = T::vmul_add(simd, mean_v.centered(*x), scale_v, offset_v);
-    }
-    for (&x, y) in x_tail.iter().zip(y_tail) {
-        *y = mean.centered(x) * scale + offset;
-    }
+    write_each::<T, S, 1>(
+        stream,
+        [xs],
+        ys,
+        #[inline(always)]
+        |[x]| T::vmul_add(simd, mean_v.centered(x), scale_v, offset_v),
+        #[inline(always)]
+        |[x]| mean.centered(x) * scale + offset,
+    );
 }
 
 /// dx = ((dy − mean_dy) − (x − mean) · k) · scale: the input gradient through batch statistics.
@@ -294,6 +348,7 @@ pub(crate) fn normalize<T: Element, S: Simd>(simd: S, xs: &[T], ys: &mut [T], me
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn grad_input_batch<T: Element, S: Simd>(
     simd: S,
+    stream: bool,
     xs: &[T],
     gs: &[T],
     dx: &mut [T],
@@ -302,30 +357,33 @@ pub(crate) fn grad_input_batch<T: Element, S: Simd>(
     k: T,
     scale: T,
 ) {
-    let (x_head, x_tail) = T::split::<S>(xs);
-    let (g_head, g_tail) = T::split::<S>(gs);
-    let (d_head, d_tail) = T::split_mut::<S>(dx);
     let mean_v = SplitV::new(simd, mean);
     let (mean_dy_v, neg_k_v, scale_v) = (T::vsplat(simd, mean_dy), T::vsplat(simd, -k), T::vsplat(simd, scale));
-    for ((x, g), d) in x_head.iter().zip(g_head).zip(d_head) {
-        let centered_dy = T::vsub(simd, *g, mean_dy_v);
-        *d = T::vmul(simd, T::vmul_add(simd, mean_v.centered(*x), neg_k_v, centered_dy), scale_v);
-    }
-    for ((&x, &g), d) in x_tail.iter().zip(g_tail).zip(d_tail) {
-        *d = ((g - mean_dy) - mean.centered(x) * k) * scale;
-    }
+    write_each::<T, S, 2>(
+        stream,
+        [xs, gs],
+        dx,
+        #[inline(always)]
+        |[x, g]| {
+            let centered_dy = T::vsub(simd, g, mean_dy_v);
+            T::vmul(simd, T::vmul_add(simd, mean_v.centered(x), neg_k_v, centered_dy), scale_v)
+        },
+        #[inline(always)]
+        |[x, g]| ((g - mean_dy) - mean.centered(x) * k) * scale,
+    );
 }
 
 /// dx = dy · scale: the input gradient when the statistics are constants.
 #[inline(always)]
-pub(crate) fn grad_input_fixed<T: Element, S: Simd>(simd: S, gs: &[T], dx: &mut [T], scale: T) {
-    let (g_head, g_tail) = T::split::<S>(gs);
-    let (d_head, d_tail) = T::split_mut::<S>(dx);
+pub(crate) fn grad_input_fixed<T: Element, S: Simd>(simd: S, stream: bool, gs: &[T], dx: &mut [T], scale: T) {
     let scale_v = T::vsplat(simd, scale);
-    for (g, d) in g_head.iter().zip(d_head) {
-        *d = T::vmul(simd, *g, scale_v);
-    }
-    for (&g, d) in g_tail.iter().zip(d_tail) {
-        *d = g * scale;
-    }
+    write_each::<T, S, 1>(
+        stream,
+        [gs],
+        dx,
+        #[inline(always)]
+        |[g]| T::vmul(simd, g, scale_v),
+        #[inline(always)]
+        |[g]| g * scale,
+    );
 }

@@ -220,11 +220,18 @@ pub(crate) fn for_each_block<T: Element, const K: usize>(
     }
 }
 
+/// Outputs at least this large are written with non-temporal stores: they would not stay in
+/// cache anyway, and writing around it spares the read-for-ownership and keeps the input in L3
+/// for a second pass. Only for planes of at least [`IMAGE_MAJOR_BELOW_BYTES`]: the blocks of
+/// smaller planes are mostly unaligned heads and tails, and streaming partial lines is slower.
+const STREAM_AT_BYTES: usize = 16 << 20;
+
 /// A C-contiguous output that parallel tasks write through, each to its own positions.
 pub(crate) struct SharedOut<'a, T> {
     ptr: *mut T,
     len: usize,
     shape: Shape,
+    stream: bool,
     _borrow: PhantomData<&'a mut [T]>,
 }
 
@@ -235,7 +242,14 @@ unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
 impl<'a, T> SharedOut<'a, T> {
     pub fn new(out: &'a mut [T], shape: Shape) -> Self {
         assert_eq!(out.len(), shape.numel(), "output length checked by the caller");
-        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, _borrow: PhantomData }
+        let stream = size_of_val(out) >= STREAM_AT_BYTES && shape.plane() * size_of::<T>() >= IMAGE_MAJOR_BELOW_BYTES;
+        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, stream, _borrow: PhantomData }
+    }
+
+    /// Whether blocks are written with non-temporal stores; a part that wrote any must end with
+    /// [`simd::store_fence`].
+    pub fn stream(&self) -> bool {
+        self.stream
     }
 
     /// The output block of `len` values at `at`.

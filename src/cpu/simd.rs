@@ -124,10 +124,29 @@ pub trait Lanes: Copy + bytemuck::Pod {
     fn vmul_add<S: Simd>(simd: S, a: Self::V<S>, b: Self::V<S>, c: Self::V<S>) -> Self::V<S>;
     /// The sum of the lanes, in f64.
     fn sum_f64<S: Simd>(v: Self::V<S>) -> f64;
+    /// Stores `v` at `dst` bypassing the caches where the instruction set can (x86 AVX2 and
+    /// AVX-512 non-temporal stores), so a large output neither pays a read-for-ownership nor
+    /// evicts the input a second pass will read.
+    ///
+    /// # Safety
+    /// `dst` must be valid for a vector's worth of writes and aligned to the vector's size; the
+    /// caller must issue [`store_fence`] before another thread reads what was stored.
+    unsafe fn vstream<S: Simd>(dst: *mut Self, v: Self::V<S>);
+}
+
+/// Orders earlier non-temporal stores before later stores (a no-op elsewhere than x86-64).
+#[inline(always)]
+pub(crate) fn store_fence() {
+    // SAFETY: SFENCE has no preconditions; SSE is part of the x86-64 baseline.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 macro_rules! lanes {
-    ($t:ty, $v:ident, $split:ident, $split_mut:ident, $splat:ident, $add:ident, $sub:ident, $mul:ident, $fma:ident) => {
+    ($t:ty, $v:ident, $split:ident, $split_mut:ident, $splat:ident, $add:ident, $sub:ident, $mul:ident, $fma:ident,
+     $stream256:ident, $stream512:ident) => {
         impl Lanes for $t {
             type V<S: Simd> = S::$v;
             #[inline(always)]
@@ -166,9 +185,45 @@ macro_rules! lanes {
                 }
                 total
             }
+            #[inline(always)]
+            unsafe fn vstream<S: Simd>(dst: *mut $t, v: S::$v) {
+                // The vector's size tells the instruction set apart at compile time: the branch
+                // for another size is never taken, and its intrinsic never runs without its feature.
+                #[cfg(target_arch = "x86_64")]
+                match size_of::<S::$v>() {
+                    64 => return std::arch::x86_64::$stream512(dst, bytemuck::cast(v)),
+                    32 => return std::arch::x86_64::$stream256(dst, bytemuck::cast(v)),
+                    _ => {}
+                }
+                std::ptr::write_unaligned(dst.cast::<S::$v>(), v);
+            }
         }
     };
 }
 
-lanes!(f32, f32s, as_simd_f32s, as_mut_simd_f32s, splat_f32s, add_f32s, sub_f32s, mul_f32s, mul_add_e_f32s);
-lanes!(f64, f64s, as_simd_f64s, as_mut_simd_f64s, splat_f64s, add_f64s, sub_f64s, mul_f64s, mul_add_e_f64s);
+lanes!(
+    f32,
+    f32s,
+    as_simd_f32s,
+    as_mut_simd_f32s,
+    splat_f32s,
+    add_f32s,
+    sub_f32s,
+    mul_f32s,
+    mul_add_e_f32s,
+    _mm256_stream_ps,
+    _mm512_stream_ps
+);
+lanes!(
+    f64,
+    f64s,
+    as_simd_f64s,
+    as_mut_simd_f64s,
+    splat_f64s,
+    add_f64s,
+    sub_f64s,
+    mul_f64s,
+    mul_add_e_f64s,
+    _mm256_stream_pd,
+    _mm512_stream_pd
+);
