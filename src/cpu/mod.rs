@@ -275,7 +275,7 @@ mod tests {
     use super::simd::SimdLevel;
     use crate::shape::{Shape, TensorRef};
 
-    const SHAPES: [Shape; 7] = [
+    const SHAPES: [Shape; 8] = [
         Shape::new(3, 5, 7, 7),      // sequential, planes not a whole number of vectors
         Shape::new(16, 64, 16, 16),  // image-major parts
         Shape::new(16, 16, 40, 40),  // channel groups
@@ -283,6 +283,7 @@ mod tests {
         Shape::new(2, 2, 301, 303),  // odd planes, one image per slice boundary
         Shape::new(1024, 128, 1, 1), // one value per plane, in parallel
         Shape::new(2, 3, 1, 17),     // vector plus tail
+        Shape::new(4, 16, 256, 257), // 16 MiB or more: non-temporal stores, unaligned planes
     ];
 
     /// Pseudo-random values in [offset, offset + 1), independent across seeds (xorshift).
