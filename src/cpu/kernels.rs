@@ -108,12 +108,13 @@ fn sum<T: Element, S: Simd>(simd: S, xs: &[T]) -> f64 {
 /// more than a few dozen terms each.
 const WINDOW: usize = 2048;
 
-/// Two running sums kept in vector lanes (two vectors each, for instruction-level parallelism),
-/// plus the scalar tails of blocks that are not a whole number of vectors.
+/// Two running sums kept in vector lanes, plus the scalar tails of blocks that are not a whole
+/// number of vectors. One vector per sum between blocks keeps the per-channel state small: with
+/// tiny planes a part holds hundreds of these and touches one per 49-value block.
 struct LaneSums<T: Element, S: Simd> {
     simd: S,
-    a: [T::V<S>; 2],
-    b: [T::V<S>; 2],
+    a: T::V<S>,
+    b: T::V<S>,
     tail_a: f64,
     tail_b: f64,
     count: usize,
@@ -123,7 +124,7 @@ impl<T: Element, S: Simd> LaneSums<T, S> {
     #[inline(always)]
     fn new(simd: S) -> Self {
         let zero = T::vsplat(simd, T::ZERO);
-        LaneSums { simd, a: [zero; 2], b: [zero; 2], tail_a: 0.0, tail_b: 0.0, count: 0 }
+        LaneSums { simd, a: zero, b: zero, tail_a: 0.0, tail_b: 0.0, count: 0 }
     }
 
     /// Adds `f(v)` → (a, b) for each vector `v` of `xs` (paired with `ys`), and `tail` for the
@@ -140,8 +141,10 @@ impl<T: Element, S: Simd> LaneSums<T, S> {
         let (y_head, y_tail) = T::split::<S>(ys);
         let (x_pairs, x_rest) = pulp::as_arrays::<2, _>(x_head);
         let (y_pairs, y_rest) = pulp::as_arrays::<2, _>(y_head);
-        // Locals, not fields: LLVM keeps them in registers across the loop.
-        let (mut a, mut b) = (self.a, self.b);
+        // Two chains per sum for instruction-level parallelism, in locals that LLVM keeps in
+        // registers across the loop.
+        let (simd, zero) = (self.simd, T::vsplat(self.simd, T::ZERO));
+        let (mut a, mut b) = ([self.a, zero], [self.b, zero]);
         for (x, y) in x_pairs.iter().zip(y_pairs) {
             for i in 0..2 {
                 (a[i], b[i]) = f(x[i], y[i], a[i], b[i]);
@@ -150,7 +153,7 @@ impl<T: Element, S: Simd> LaneSums<T, S> {
         for (&x, &y) in x_rest.iter().zip(y_rest) {
             (a[0], b[0]) = f(x, y, a[0], b[0]);
         }
-        (self.a, self.b) = (a, b);
+        (self.a, self.b) = (T::vadd(simd, a[0], a[1]), T::vadd(simd, b[0], b[1]));
         for (&x, &y) in x_tail.iter().zip(y_tail) {
             let (a, b) = tail(x, y);
             self.tail_a += a;
@@ -163,8 +166,8 @@ impl<T: Element, S: Simd> LaneSums<T, S> {
     #[inline(always)]
     fn take(&mut self) -> (f64, f64, f64) {
         let simd = self.simd;
-        let a = T::sum_f64::<S>(T::vadd(simd, self.a[0], self.a[1])) + self.tail_a;
-        let b = T::sum_f64::<S>(T::vadd(simd, self.b[0], self.b[1])) + self.tail_b;
+        let a = T::sum_f64::<S>(self.a) + self.tail_a;
+        let b = T::sum_f64::<S>(self.b) + self.tail_b;
         let count = self.count as f64;
         *self = LaneSums::new(simd);
         (a, b, count)
