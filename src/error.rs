@@ -30,6 +30,17 @@ pub enum Error {
     StateDict(String),
     /// A feature this build or machine does not offer (e.g. a CUDA device).
     Unsupported(String),
+    /// A state file that is not a valid safetensors file, or not a BatchNorm2d state.
+    Format(String),
+    /// Reading or writing a file failed; `kind` picks the Python OSError subclass.
+    Io { kind: std::io::ErrorKind, message: String },
+}
+
+impl Error {
+    /// An I/O error on `path`, keeping its kind.
+    pub(crate) fn io(path: &std::path::Path, error: &std::io::Error) -> Error {
+        Error::Io { kind: error.kind(), message: format!("{}: {error}", path.display()) }
+    }
 }
 
 /// Shorthand used throughout the crate.
@@ -50,7 +61,8 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::InvalidArgument(msg) | Error::BadOutput(msg) | Error::StateDict(msg) => f.write_str(msg),
-            Error::Unsupported(msg) => f.write_str(msg),
+            Error::Unsupported(msg) | Error::Format(msg) => f.write_str(msg),
+            Error::Io { message, .. } => f.write_str(message),
             Error::Rank { what, got } => write!(
                 f,
                 "expected {what} to be 4D (N, C, H, W) or 3D unbatched (C, H, W), got {}D {what} of shape {}",

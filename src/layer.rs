@@ -1,13 +1,21 @@
 //! `BatchNorm2d` as a Rust type: configuration, parameters, running buffers and gradients.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::functional::{batch_norm, batch_norm_backward, SavedStats};
 use crate::shape::{Shape, TensorRef};
 use crate::state::{quoted_list, size_mismatch, LoadReport, StateTensor};
+use crate::state_file::{self, RawTensor, TensorFile};
 
 /// The state-dict key of the batch counter.
 const NUM_BATCHES_TRACKED: &str = "num_batches_tracked";
+/// Metadata keys of a state file written by this crate (PyTorch ignores them).
+const CONFIG_KEYS: [&str; 6] = ["num_features", "eps", "momentum", "affine", "bias", "track_running_stats"];
+pub(crate) const DTYPE_KEY: &str = "batchnorm.dtype";
+const TRAINING_KEY: &str = "batchnorm.training";
 
 /// The (C,) arrays a layer can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,6 +72,85 @@ impl Config {
     pub fn new(num_features: usize) -> Self {
         Config { num_features, eps: 1e-5, momentum: Some(0.1), affine: true, bias: true, track_running_stats: true }
     }
+
+    /// The configuration of a PyTorch module holding `entries`: num_features from the shapes,
+    /// affine, bias and tracking from which keys are present, PyTorch's default eps and momentum.
+    pub fn infer<T>(entries: &[(String, StateTensor<T>)]) -> Result<Config> {
+        let has = |key: &str| entries.iter().any(|(k, _)| k == key);
+        let Some((key, tensor)) = entries.iter().find(|(k, _)| Buffer::STATE.iter().any(|b| b.name() == k)) else {
+            return Err(Error::Format(
+                "cannot tell num_features: the state has none of weight, bias, running_mean, running_var".into(),
+            ));
+        };
+        let [num_features] = tensor.shape[..] else {
+            return Err(Error::Format(format!(
+                "cannot tell num_features: {key} has shape {}, expected one dimension",
+                crate::error::shape_str(&tensor.shape)
+            )));
+        };
+        let tracked = has("running_mean") || has("running_var") || has(NUM_BATCHES_TRACKED);
+        let (affine, bias) = (has("weight") || has("bias"), has("bias"));
+        Ok(Config { affine, bias, track_running_stats: tracked, ..Config::new(num_features) })
+    }
+
+    /// The same configuration with `overrides` applied.
+    pub fn with(mut self, overrides: &ConfigOverrides) -> Config {
+        self.num_features = overrides.num_features.unwrap_or(self.num_features);
+        self.eps = overrides.eps.unwrap_or(self.eps);
+        self.momentum = overrides.momentum.unwrap_or(self.momentum);
+        self.affine = overrides.affine.unwrap_or(self.affine);
+        self.bias = overrides.bias.unwrap_or(self.bias);
+        self.track_running_stats = overrides.track_running_stats.unwrap_or(self.track_running_stats);
+        self
+    }
+
+    fn to_metadata(&self) -> HashMap<String, String> {
+        let momentum = self.momentum.map_or("None".to_string(), |m| format!("{m:?}"));
+        let values = [
+            self.num_features.to_string(),
+            format!("{:?}", self.eps),
+            momentum,
+            self.affine.to_string(),
+            self.bias.to_string(),
+            self.track_running_stats.to_string(),
+        ];
+        CONFIG_KEYS.iter().zip(values).map(|(key, value)| (format!("batchnorm.{key}"), value)).collect()
+    }
+
+    /// The configuration a file written by this crate records, if it records one.
+    fn from_metadata(metadata: &HashMap<String, String>) -> Result<Option<Config>> {
+        let get = |key: &str| metadata.get(&format!("batchnorm.{key}"));
+        if get("num_features").is_none() {
+            return Ok(None);
+        }
+        fn parse<V: std::str::FromStr>(key: &str, value: Option<&String>) -> Result<V> {
+            let value = value.ok_or_else(|| Error::Format(format!("metadata has no batchnorm.{key}")))?;
+            value.parse().map_err(|_| Error::Format(format!("metadata batchnorm.{key} is not valid: {value:?}")))
+        }
+        let momentum = match get("momentum").map(String::as_str) {
+            Some("None") => None,
+            other => Some(parse("momentum", other.map(str::to_string).as_ref())?),
+        };
+        Ok(Some(Config {
+            num_features: parse("num_features", get("num_features"))?,
+            eps: parse("eps", get("eps"))?,
+            momentum,
+            affine: parse("affine", get("affine"))?,
+            bias: parse("bias", get("bias"))?,
+            track_running_stats: parse("track_running_stats", get("track_running_stats"))?,
+        }))
+    }
+}
+
+/// Constructor arguments that replace what a file or state dict says (or PyTorch's defaults).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigOverrides {
+    pub num_features: Option<usize>,
+    pub eps: Option<f64>,
+    pub momentum: Option<Option<f64>>,
+    pub affine: Option<bool>,
+    pub bias: Option<bool>,
+    pub track_running_stats: Option<bool>,
 }
 
 /// Batch normalization over (N, C, H, W) inputs with the semantics of `torch.nn.BatchNorm2d`.
@@ -303,8 +390,14 @@ impl<T: Element> BatchNorm2d<T> {
     pub fn load_state_dict(&mut self, entries: &[(String, StateTensor<T>)], strict: bool) -> Result<LoadReport> {
         let keys = self.state_keys();
         let find = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        // As PyTorch: a state without num_batches_tracked (from before it existed) keeps the
+        // current count rather than counting as missing.
         let report = LoadReport {
-            missing_keys: keys.iter().filter(|k| find(k).is_none()).map(|k| k.to_string()).collect(),
+            missing_keys: keys
+                .iter()
+                .filter(|k| find(k).is_none() && **k != NUM_BATCHES_TRACKED)
+                .map(|k| k.to_string())
+                .collect(),
             unexpected_keys: entries.iter().map(|(k, _)| k).filter(|k| !keys.contains(&k.as_str())).cloned().collect(),
         };
         let mut problems = Vec::new();
@@ -340,5 +433,52 @@ impl<T: Element> BatchNorm2d<T> {
             *count = value.first_int().unwrap_or(*count);
         }
         Ok(report)
+    }
+
+    /// A layer with `config` holding `entries`, loaded strictly.
+    pub fn from_state(config: Config, entries: &[(String, StateTensor<T>)]) -> Result<Self> {
+        let mut layer = BatchNorm2d::new(config)?;
+        layer.load_state_dict(entries, true)?;
+        Ok(layer)
+    }
+
+    /// The state as a safetensors file PyTorch loads (`weight`, `bias`, `running_mean`,
+    /// `running_var` in the layer's dtype, `num_batches_tracked` as I64 of shape []), with the
+    /// configuration, dtype and training flag in its metadata.
+    pub fn to_tensor_file(&self) -> TensorFile {
+        let tensors =
+            self.state_dict().iter().map(|(key, tensor)| (key.to_string(), RawTensor::from_state(tensor))).collect();
+        let mut metadata = self.config.to_metadata();
+        metadata.insert("format".into(), "pt".into());
+        metadata.insert(DTYPE_KEY.into(), T::DTYPE.into());
+        metadata.insert(TRAINING_KEY.into(), self.training.to_string());
+        TensorFile { tensors, metadata }
+    }
+
+    /// A layer rebuilt from a state file: its recorded configuration, or for a file PyTorch wrote,
+    /// the configuration its tensors imply with PyTorch's default eps and momentum; `overrides`
+    /// replace either. Values of another float dtype are cast.
+    pub fn from_tensor_file(file: &TensorFile, overrides: &ConfigOverrides) -> Result<Self> {
+        let mut entries = Vec::with_capacity(file.tensors.len());
+        for (name, tensor) in &file.tensors {
+            entries.push((name.clone(), tensor.to_state::<T>(name)?));
+        }
+        let config = match Config::from_metadata(&file.metadata)? {
+            Some(config) => config,
+            None => Config::infer(&entries)?,
+        };
+        let mut layer = BatchNorm2d::from_state(config.with(overrides), &entries)?;
+        layer.training = file.metadata.get(TRAINING_KEY).is_none_or(|t| t == "true");
+        Ok(layer)
+    }
+
+    /// Writes [`Self::to_tensor_file`] to `path`, atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        state_file::save(path, &self.to_tensor_file())
+    }
+
+    /// Reads a layer from a state file (see [`Self::from_tensor_file`]).
+    pub fn from_file(path: impl AsRef<Path>, overrides: &ConfigOverrides) -> Result<Self> {
+        BatchNorm2d::from_tensor_file(&state_file::load(path)?, overrides)
     }
 }

@@ -39,6 +39,7 @@ pub mod functional;
 mod layer;
 mod shape;
 mod state;
+pub mod state_file;
 mod threads;
 
 #[cfg(feature = "python")]
@@ -48,7 +49,7 @@ pub use cpu::simd::SimdLevel;
 pub use element::Element;
 pub use error::{Error, Result};
 pub use functional::{ParamGrads, SavedStats};
-pub use layer::{BatchNorm2d, Buffer, Config};
+pub use layer::{BatchNorm2d, Buffer, Config, ConfigOverrides};
 pub use shape::{Shape, TensorRef};
 pub use state::{LoadReport, StateTensor, StateValues};
 pub use threads::{get_num_threads, set_num_threads};

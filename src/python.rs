@@ -11,10 +11,15 @@ use numpy::{
 };
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyList, PyString, PyTuple};
+use std::path::PathBuf;
+
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
 use crate::functional::{self, SavedStats};
-use crate::{BatchNorm2d, Buffer, Config, Element, Error, Result, Shape, StateTensor, StateValues, TensorRef};
+use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
+use crate::{
+    BatchNorm2d, Buffer, Config, ConfigOverrides, Element, Error, Result, Shape, StateTensor, StateValues, TensorRef,
+};
 
 /// The one place a core error becomes a Python exception.
 impl From<Error> for PyErr {
@@ -23,13 +28,16 @@ impl From<Error> for PyErr {
         match error {
             Error::DType { .. } | Error::NotAnArray { .. } => PyTypeError::new_err(message),
             Error::NoForward | Error::StateDict(_) | Error::Unsupported(_) => PyRuntimeError::new_err(message),
+            // std::io::Error's conversion picks the OSError subclass (FileNotFoundError, ...).
+            Error::Io { kind, .. } => std::io::Error::new(kind, message).into(),
             Error::InvalidArgument(_)
             | Error::Rank { .. }
             | Error::ChannelMismatch { .. }
             | Error::ShapeMismatch { .. }
             | Error::OutOfBounds { .. }
             | Error::TooFewValues { .. }
-            | Error::BadOutput(_) => PyValueError::new_err(message),
+            | Error::BadOutput(_)
+            | Error::Format(_) => PyValueError::new_err(message),
         }
     }
 }
@@ -390,6 +398,95 @@ fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
     Ok(PyFloat::new(py, value).repr()?.to_string())
 }
 
+/// Constructor keywords given to `from_file` / `from_state_dict`: configuration overrides and the
+/// dtype, checked as the constructor checks them.
+fn parse_overrides(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<(ConfigOverrides, Option<Dtype>)> {
+    let mut overrides = ConfigOverrides::default();
+    let mut dtype = None;
+    let Some(kwargs) = kwargs else { return Ok((overrides, dtype)) };
+    for (key, value) in kwargs.iter() {
+        let key: String = key.extract()?;
+        match key.as_str() {
+            "num_features" => {
+                let count: i64 = value.extract()?;
+                if count <= 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "num_features must be a positive integer, got {count}"
+                    ))
+                    .into());
+                }
+                overrides.num_features = Some(count as usize);
+            }
+            "eps" => overrides.eps = Some(value.extract()?),
+            "momentum" => overrides.momentum = Some(value.extract()?),
+            "affine" => overrides.affine = Some(value.extract()?),
+            "bias" => overrides.bias = Some(value.extract()?),
+            "track_running_stats" => overrides.track_running_stats = Some(value.extract()?),
+            "dtype" => dtype = Some(Dtype::parse(py, Some(&value))?),
+            "device" => check_device(Some(&value))?,
+            other => return Err(PyTypeError::new_err(format!("unexpected keyword argument {other:?}"))),
+        }
+    }
+    Ok((overrides, dtype))
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => f32::DTYPE,
+            Dtype::F64 => f64::DTYPE,
+        }
+    }
+}
+
+/// A module of class `cls` (BatchNorm2d or a subclass) holding `layer`: made through `__new__`
+/// with the layer's configuration, so the constructor's checks apply, then given the state.
+fn instantiate<'py>(cls: &Bound<'py, PyType>, layer: Layer) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+    let py = cls.py();
+    let (config, dtype) = match &layer {
+        Layer::F32(l) => (l.config().clone(), Dtype::F32),
+        Layer::F64(l) => (l.config().clone(), Dtype::F64),
+    };
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("eps", config.eps)?;
+    kwargs.set_item("momentum", config.momentum)?;
+    kwargs.set_item("affine", config.affine)?;
+    kwargs.set_item("track_running_stats", config.track_running_stats)?;
+    kwargs.set_item("dtype", dtype.name())?;
+    kwargs.set_item("bias", config.bias)?;
+    let module = cls.call_method("__new__", (cls, config.num_features), Some(&kwargs))?.cast_into::<PyBatchNorm2d>()?;
+    // Nothing can hold a view of the fresh module's buffers yet, so replacing them is safe.
+    *lock(py, &module.get().layer) = layer;
+    Ok(module)
+}
+
+/// Builds the typed layer for `dtype` with `build`.
+fn build_layer(
+    dtype: Dtype,
+    build_f32: impl FnOnce() -> PyResult<BatchNorm2d<f32>>,
+    build_f64: impl FnOnce() -> PyResult<BatchNorm2d<f64>>,
+) -> PyResult<Layer> {
+    Ok(match dtype {
+        Dtype::F32 => Layer::F32(build_f32()?),
+        Dtype::F64 => Layer::F64(build_f64()?),
+    })
+}
+
+fn from_tensor_file<'py>(
+    cls: &Bound<'py, PyType>,
+    file: &TensorFile,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+    let (overrides, dtype) = parse_overrides(cls.py(), kwargs)?;
+    let dtype = dtype.unwrap_or(if file.float_dtype() == "float64" { Dtype::F64 } else { Dtype::F32 });
+    let layer = build_layer(
+        dtype,
+        || Ok(BatchNorm2d::from_tensor_file(file, &overrides)?),
+        || Ok(BatchNorm2d::from_tensor_file(file, &overrides)?),
+    )?;
+    instantiate(cls, layer)
+}
+
 #[pymethods]
 impl PyBatchNorm2d {
     #[new]
@@ -599,15 +696,82 @@ impl PyBatchNorm2d {
         // The mapping is read before locking: reading it runs arbitrary Python code.
         let report = match self.dtype {
             Dtype::F32 => {
-                let entries = state_entries::<f32>(state_dict)?;
+                let entries = state_entries::<f32>(state_dict, "")?;
                 typed::<f32>(&mut lock(py, &self.layer))?.load_state_dict(&entries, strict)?
             }
             Dtype::F64 => {
-                let entries = state_entries::<f64>(state_dict)?;
+                let entries = state_entries::<f64>(state_dict, "")?;
                 typed::<f64>(&mut lock(py, &self.layer))?.load_state_dict(&entries, strict)?
             }
         };
         PyTuple::new(py, [PyList::new(py, report.missing_keys)?, PyList::new(py, report.unexpected_keys)?])
+    }
+
+    /// save(path): writes the state to a safetensors file that PyTorch loads, atomically, with the
+    /// configuration in its metadata.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let file = with_layer!(&*lock(py, &self.layer), l: _T => l.to_tensor_file());
+        Ok(py.detach(|| state_file::save(&path, &file))?)
+    }
+
+    /// from_file(path, **overrides): a module rebuilt from a state file written by save() or by
+    /// PyTorch (then num_features, affine, bias and tracking come from the tensors, eps and
+    /// momentum from PyTorch's defaults); constructor keywords override.
+    #[classmethod]
+    #[pyo3(signature = (path, **overrides))]
+    fn from_file<'py>(
+        cls: &Bound<'py, PyType>,
+        path: PathBuf,
+        overrides: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+        let file = cls.py().detach(|| state_file::load(&path))?;
+        from_tensor_file(cls, &file, overrides)
+    }
+
+    /// from_state_dict(state_dict, prefix="", **config): a module holding the entries of any
+    /// mapping whose keys start with `prefix` (e.g. "layer1.0.bn1." in a network's checkpoint).
+    #[classmethod]
+    #[pyo3(signature = (state_dict, prefix="", **config))]
+    fn from_state_dict<'py>(
+        cls: &Bound<'py, PyType>,
+        state_dict: &Bound<'py, PyAny>,
+        prefix: &str,
+        config: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+        let (overrides, dtype) = parse_overrides(cls.py(), config)?;
+        let dtype = match dtype {
+            Some(dtype) => dtype,
+            None => mapping_float_dtype(state_dict, prefix)?,
+        };
+        fn build<T: Float>(
+            mapping: &Bound<'_, PyAny>,
+            prefix: &str,
+            overrides: &ConfigOverrides,
+        ) -> PyResult<BatchNorm2d<T>> {
+            let entries = state_entries::<T>(mapping, prefix)?;
+            Ok(BatchNorm2d::from_state(Config::infer(&entries)?.with(overrides), &entries)?)
+        }
+        let layer = build_layer(
+            dtype,
+            || build::<f32>(state_dict, prefix, &overrides),
+            || build::<f64>(state_dict, prefix, &overrides),
+        )?;
+        instantiate(cls, layer)
+    }
+
+    /// Pickling and copy.deepcopy: the state file's bytes, configuration and training flag included.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let file = with_layer!(&*lock(py, &slf.get().layer), l: _T => l.to_tensor_file());
+        let bytes = PyBytes::new(py, &state_file::serialize(&file)?);
+        let rebuild = slf.get_type().getattr("_from_bytes")?;
+        PyTuple::new(py, [rebuild, PyTuple::new(py, [bytes])?.into_any()])
+    }
+
+    /// The inverse of __reduce__.
+    #[classmethod]
+    fn _from_bytes<'py>(cls: &Bound<'py, PyType>, data: &[u8]) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+        from_tensor_file(cls, &state_file::deserialize(data)?, None)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -665,7 +829,7 @@ fn state_array<T: Float>(py: Python<'_>, tensor: StateTensor<T>) -> PyResult<Bou
 
 /// Reads any mapping of array-likes into state-dict entries: floating values are cast to the
 /// module's dtype and integer or boolean values kept as int64, as PyTorch's `copy_` would.
-fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>) -> PyResult<Vec<(String, StateTensor<T>)>> {
+fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult<Vec<(String, StateTensor<T>)>> {
     let py = mapping.py();
     let numpy = py.import("numpy")?;
     let keys = mapping.call_method0("keys").map_err(|_| {
@@ -677,6 +841,7 @@ fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>) -> PyResult<Vec<(String, 
         let name: String = key
             .extract()
             .map_err(|_| PyTypeError::new_err(format!("state_dict keys must be strings, got {}", type_name(&key))))?;
+        let Some(name) = name.strip_prefix(prefix).map(str::to_string) else { continue };
         let value = numpy.call_method1("asarray", (mapping.get_item(&key)?,))?.cast_into::<PyUntypedArray>()?;
         let kind = value.dtype().kind();
         let shape = value.shape().to_vec();
@@ -899,6 +1064,121 @@ fn batch_norm_backward<'py>(
     }
 }
 
+/// float64 when any floating value under `prefix` is float64, else float32.
+fn mapping_float_dtype(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult<Dtype> {
+    let numpy = mapping.py().import("numpy")?;
+    let keys = mapping.call_method0("keys").map_err(|_| {
+        PyTypeError::new_err(format!("state_dict must be a mapping of names to arrays, got {}", type_name(mapping)))
+    })?;
+    for key in keys.try_iter()? {
+        let key = key?;
+        if key.extract::<String>().is_ok_and(|k| k.starts_with(prefix)) {
+            let value = numpy.call_method1("asarray", (mapping.get_item(&key)?,))?.cast_into::<PyUntypedArray>()?;
+            if value.dtype().is_equiv_to(&dtype::<f64>(mapping.py())) {
+                return Ok(Dtype::F64);
+            }
+        }
+    }
+    Ok(Dtype::F32)
+}
+
+/// The file dtype of a NumPy dtype (kind and item size), or None.
+fn file_dtype(kind: u8, size: usize) -> Option<FileDtype> {
+    Some(match (kind, size) {
+        (b'f', 2) => FileDtype::F16,
+        (b'f', 4) => FileDtype::F32,
+        (b'f', 8) => FileDtype::F64,
+        (b'i', 1) => FileDtype::I8,
+        (b'i', 2) => FileDtype::I16,
+        (b'i', 4) => FileDtype::I32,
+        (b'i', 8) => FileDtype::I64,
+        (b'u', 1) => FileDtype::U8,
+        (b'u', 2) => FileDtype::U16,
+        (b'u', 4) => FileDtype::U32,
+        (b'u', 8) => FileDtype::U64,
+        (b'b', 1) => FileDtype::BOOL,
+        _ => return None,
+    })
+}
+
+/// The NumPy dtype string of a file dtype; BF16 (which NumPy lacks) is widened to float32.
+fn numpy_dtype(dtype: FileDtype) -> Option<&'static str> {
+    Some(match dtype {
+        FileDtype::F16 => "<f2",
+        FileDtype::F32 | FileDtype::BF16 => "<f4",
+        FileDtype::F64 => "<f8",
+        FileDtype::I8 => "i1",
+        FileDtype::I16 => "<i2",
+        FileDtype::I32 => "<i4",
+        FileDtype::I64 => "<i8",
+        FileDtype::U8 => "u1",
+        FileDtype::U16 => "<u2",
+        FileDtype::U32 => "<u4",
+        FileDtype::U64 => "<u8",
+        FileDtype::BOOL => "?",
+        _ => return None,
+    })
+}
+
+/// save_file(tensors, path, metadata=None): writes a dict of NumPy arrays to a safetensors file,
+/// atomically, as safetensors.numpy.save_file does.
+#[pyfunction]
+#[pyo3(signature = (tensors, path, metadata=None))]
+fn save_file(
+    py: Python<'_>,
+    tensors: &Bound<'_, PyAny>,
+    path: PathBuf,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> PyResult<()> {
+    let numpy = py.import("numpy")?;
+    let items = tensors.call_method0("items").map_err(|_| {
+        PyTypeError::new_err(format!("tensors must be a mapping of names to arrays, got {}", type_name(tensors)))
+    })?;
+    let mut file = TensorFile { tensors: Vec::new(), metadata: metadata.unwrap_or_default() };
+    for item in items.try_iter()? {
+        let (name, value): (String, Bound<'_, PyAny>) = item?.extract()?;
+        let array = numpy.call_method1("ascontiguousarray", (value,))?.cast_into::<PyUntypedArray>()?;
+        let descr = array.dtype();
+        let Some(dtype) = file_dtype(descr.kind(), descr.itemsize()) else {
+            return Err(Error::DType {
+                what: format!("tensor {name:?}"),
+                expected: "a bool, integer or float dtype".into(),
+                got: dtype_name(&array),
+            }
+            .into());
+        };
+        let little_endian = array.call_method1("astype", (descr.call_method1("newbyteorder", ("<",))?,))?;
+        let data: Vec<u8> = little_endian.call_method0("tobytes")?.extract()?;
+        file.tensors.push((name, RawTensor { dtype, shape: array.shape().to_vec(), data }));
+    }
+    Ok(py.detach(|| state_file::save(&path, &file))?)
+}
+
+/// load_file(path): the tensors of a safetensors file as a dict of NumPy arrays.
+#[pyfunction]
+fn load_file<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let file = py.detach(|| state_file::load(&path))?;
+    let numpy = py.import("numpy")?;
+    let result = PyDict::new(py);
+    for (name, tensor) in file.tensors {
+        let Some(dtype) = numpy_dtype(tensor.dtype) else {
+            return Err(Error::Format(format!(
+                "tensor {name:?} has dtype {:?}, which NumPy cannot hold",
+                tensor.dtype
+            ))
+            .into());
+        };
+        let data = match tensor.dtype {
+            FileDtype::BF16 => tensor.data.chunks_exact(2).flat_map(|b| [0, 0, b[0], b[1]]).collect(),
+            _ => tensor.data,
+        };
+        let buffer = pyo3::types::PyByteArray::new(py, &data);
+        let array = numpy.call_method1("frombuffer", (buffer, dtype))?.call_method1("reshape", (tensor.shape,))?;
+        result.set_item(name, array)?;
+    }
+    Ok(result)
+}
+
 /// set_num_threads(n): how many threads the kernels use (default: every core).
 #[pyfunction]
 fn set_num_threads(threads: i64) -> PyResult<()> {
@@ -931,6 +1211,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(save_file, m)?)?;
+    m.add_function(wrap_pyfunction!(load_file, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

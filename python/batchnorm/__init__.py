@@ -6,6 +6,23 @@
 """
 
 from batchnorm import functional
-from batchnorm._core import BatchNorm2d, __version__, get_num_threads, set_num_threads, simd_level
+from batchnorm._core import (
+    BatchNorm2d,
+    __version__,
+    get_num_threads,
+    load_file,
+    save_file,
+    set_num_threads,
+    simd_level,
+)
 
-__all__ = ["BatchNorm2d", "__version__", "functional", "get_num_threads", "set_num_threads", "simd_level"]
+__all__ = [
+    "BatchNorm2d",
+    "__version__",
+    "functional",
+    "get_num_threads",
+    "load_file",
+    "save_file",
+    "set_num_threads",
+    "simd_level",
+]

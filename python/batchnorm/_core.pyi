@@ -1,3 +1,4 @@
+import os
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -11,6 +12,8 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "get_num_threads",
+    "load_file",
+    "save_file",
     "set_num_threads",
     "simd_level",
 ]
@@ -87,6 +90,14 @@ class BatchNorm2d:
     def load_state_dict(
         self, state_dict: Mapping[str, npt.ArrayLike], strict: bool = True
     ) -> tuple[list[str], list[str]]: ...
+    def save(self, path: str | os.PathLike[str]) -> None: ...
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> Self: ...
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, npt.ArrayLike], prefix: str = "", **config: Any) -> Self: ...
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]: ...
+    @classmethod
+    def _from_bytes(cls, data: bytes) -> Self: ...
 
 def batch_norm(
     input: _Array,
@@ -111,6 +122,10 @@ def batch_norm_backward(
     *,
     out: _Array | None = None,
 ) -> tuple[_Array, _Array, _Array]: ...
+def save_file(
+    tensors: Mapping[str, npt.ArrayLike], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None: ...
+def load_file(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
