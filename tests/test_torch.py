@@ -140,3 +140,32 @@ def test_state_dict_loads_into_torch_strictly(rng):
     t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in m.state_dict().items()}, strict=True)
     np.testing.assert_array_equal(t.running_var.numpy(), m.running_var)
     assert t.num_batches_tracked.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(momentum=None), dict(affine=False), dict(bias=False), dict(track_running_stats=False)],
+    ids=str,
+)
+def test_state_files_move_both_ways_with_pytorch(tmp_path, rng, options):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    x = (rng.standard_normal((4, 5, 6, 6)) * 3 + 1).astype(np.float32)
+
+    ours = batchnorm.BatchNorm2d(5, **options)
+    ours(x)
+    ours.save(tmp_path / "ours.safetensors")
+    theirs = torch.nn.BatchNorm2d(5, **options)
+    theirs.load_state_dict(safetensors_torch.load_file(tmp_path / "ours.safetensors"), strict=True)
+    np.testing.assert_allclose(
+        theirs.eval()(torch.from_numpy(x)).detach().numpy(), ours.eval()(x), rtol=1e-5, atol=1e-5
+    )
+
+    trained = torch.nn.BatchNorm2d(5, **options)
+    trained(torch.from_numpy(x))
+    safetensors_torch.save_file(trained.state_dict(), tmp_path / "theirs.safetensors")
+    overrides = {"momentum": None} if "momentum" in options else {}
+    loaded = batchnorm.BatchNorm2d.from_file(tmp_path / "theirs.safetensors", **overrides)
+    assert repr(loaded) == repr(trained)
+    np.testing.assert_allclose(
+        loaded.eval()(x), trained.eval()(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5
+    )

@@ -1,0 +1,105 @@
+//! State files from Rust: round trips, a file PyTorch wrote, and corrupt bytes that must give a
+//! `Format` error, never a panic.
+
+use std::path::PathBuf;
+
+use batchnorm::state_file::{self, FileDtype, RawTensor, TensorFile};
+use batchnorm::{BatchNorm2d, Config, ConfigOverrides, Error, Shape, TensorRef};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn trained(config: Config) -> BatchNorm2d<f64> {
+    let mut layer = BatchNorm2d::new(config).unwrap();
+    let shape = Shape::new(2, layer.config().num_features, 3, 3);
+    let x: Vec<f64> = (0..shape.numel()).map(|i| (i * 37 % 11) as f64 - 4.0).collect();
+    let mut y = vec![0.0; x.len()];
+    layer.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+    layer
+}
+
+#[test]
+fn save_and_load_round_trip_every_configuration() {
+    let folder = tempfile::tempdir().unwrap();
+    let configs = [
+        Config::new(3),
+        Config { momentum: None, ..Config::new(3) },
+        Config { affine: false, ..Config::new(3) },
+        Config { bias: false, ..Config::new(3) },
+        Config { track_running_stats: false, eps: 1e-3, ..Config::new(3) },
+    ];
+    for config in configs {
+        let layer = trained(config.clone());
+        let path = folder.path().join("bn.safetensors");
+        layer.save(&path).unwrap();
+        let loaded = BatchNorm2d::<f64>::from_file(&path, &ConfigOverrides::default()).unwrap();
+        assert_eq!(loaded.config(), &config);
+        assert_eq!(loaded.state_dict(), layer.state_dict());
+        // Read as float32, values are cast.
+        let narrow = BatchNorm2d::<f32>::from_file(&path, &ConfigOverrides::default()).unwrap();
+        assert_eq!(narrow.num_batches_tracked(), layer.num_batches_tracked());
+    }
+}
+
+#[test]
+fn file_written_by_pytorch_loads_with_inferred_configuration() {
+    let layer = BatchNorm2d::<f32>::from_file(fixture("pytorch_bn8.safetensors"), &ConfigOverrides::default()).unwrap();
+    assert_eq!(layer.config(), &Config::new(8));
+    assert_eq!(layer.num_batches_tracked(), Some(4));
+    let overrides = ConfigOverrides { eps: Some(1e-3), ..Default::default() };
+    let layer = BatchNorm2d::<f32>::from_file(fixture("pytorch_bn8.safetensors"), &overrides).unwrap();
+    assert_eq!(layer.config().eps, 1e-3);
+}
+
+#[test]
+fn missing_file_is_an_io_error_with_its_kind() {
+    let err = BatchNorm2d::<f32>::from_file("/no/such/file.safetensors", &ConfigOverrides::default()).unwrap_err();
+    assert!(matches!(err, Error::Io { kind: std::io::ErrorKind::NotFound, .. }), "{err}");
+}
+
+#[test]
+fn plain_tensor_files_round_trip() {
+    let file = TensorFile {
+        tensors: vec![
+            ("a".into(), RawTensor { dtype: FileDtype::I32, shape: vec![2], data: vec![1, 0, 0, 0, 2, 0, 0, 0] }),
+            ("b".into(), RawTensor { dtype: FileDtype::F64, shape: vec![], data: 1.5f64.to_le_bytes().to_vec() }),
+        ],
+        metadata: [("who".to_string(), "test".to_string())].into(),
+    };
+    let bytes = state_file::serialize(&file).unwrap();
+    let back = state_file::deserialize(&bytes).unwrap();
+    assert_eq!(back.metadata, file.metadata);
+    for (name, tensor) in &file.tensors {
+        assert_eq!(back.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t), Some(tensor));
+    }
+    let wrong = RawTensor { dtype: FileDtype::F32, shape: vec![3], data: vec![0; 8] };
+    let err = state_file::serialize(&TensorFile { tensors: vec![("w".into(), wrong)], ..Default::default() });
+    assert!(matches!(err, Err(Error::Format(_))));
+}
+
+#[test]
+fn corrupted_bytes_never_panic() {
+    let valid = state_file::serialize(&trained(Config::new(4)).to_tensor_file()).unwrap();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..3000 {
+        let mut bytes = valid.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = next() as usize % bytes.len();
+            bytes[at] = next() as u8;
+        }
+        if round % 3 == 0 {
+            bytes.truncate(next() as usize % (bytes.len() + 1));
+        }
+        if let Ok(file) = state_file::deserialize(&bytes) {
+            // Whatever parses must either build a layer or say why not.
+            let _ = BatchNorm2d::<f32>::from_tensor_file(&file, &ConfigOverrides::default());
+        }
+    }
+}
