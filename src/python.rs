@@ -1082,43 +1082,21 @@ fn mapping_float_dtype(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult<Dty
     Ok(Dtype::F32)
 }
 
-/// The file dtype of a NumPy dtype (kind and item size), or None.
-fn file_dtype(kind: u8, size: usize) -> Option<FileDtype> {
-    Some(match (kind, size) {
-        (b'f', 2) => FileDtype::F16,
-        (b'f', 4) => FileDtype::F32,
-        (b'f', 8) => FileDtype::F64,
-        (b'i', 1) => FileDtype::I8,
-        (b'i', 2) => FileDtype::I16,
-        (b'i', 4) => FileDtype::I32,
-        (b'i', 8) => FileDtype::I64,
-        (b'u', 1) => FileDtype::U8,
-        (b'u', 2) => FileDtype::U16,
-        (b'u', 4) => FileDtype::U32,
-        (b'u', 8) => FileDtype::U64,
-        (b'b', 1) => FileDtype::BOOL,
-        _ => return None,
-    })
-}
-
-/// The NumPy dtype string of a file dtype; BF16 (which NumPy lacks) is widened to float32.
-fn numpy_dtype(dtype: FileDtype) -> Option<&'static str> {
-    Some(match dtype {
-        FileDtype::F16 => "<f2",
-        FileDtype::F32 | FileDtype::BF16 => "<f4",
-        FileDtype::F64 => "<f8",
-        FileDtype::I8 => "i1",
-        FileDtype::I16 => "<i2",
-        FileDtype::I32 => "<i4",
-        FileDtype::I64 => "<i8",
-        FileDtype::U8 => "u1",
-        FileDtype::U16 => "<u2",
-        FileDtype::U32 => "<u4",
-        FileDtype::U64 => "<u8",
-        FileDtype::BOOL => "?",
-        _ => return None,
-    })
-}
+/// File dtypes and the little-endian NumPy dtype strings they correspond to, read both ways.
+const NUMPY_DTYPES: [(FileDtype, &str); 12] = [
+    (FileDtype::F16, "<f2"),
+    (FileDtype::F32, "<f4"),
+    (FileDtype::F64, "<f8"),
+    (FileDtype::I8, "|i1"),
+    (FileDtype::I16, "<i2"),
+    (FileDtype::I32, "<i4"),
+    (FileDtype::I64, "<i8"),
+    (FileDtype::U8, "|u1"),
+    (FileDtype::U16, "<u2"),
+    (FileDtype::U32, "<u4"),
+    (FileDtype::U64, "<u8"),
+    (FileDtype::BOOL, "|b1"),
+];
 
 /// save_file(tensors, path, metadata=None): writes a dict of NumPy arrays to a safetensors file,
 /// atomically, as safetensors.numpy.save_file does.
@@ -1138,8 +1116,9 @@ fn save_file(
     for item in items.try_iter()? {
         let (name, value): (String, Bound<'_, PyAny>) = item?.extract()?;
         let array = numpy.call_method1("ascontiguousarray", (value,))?.cast_into::<PyUntypedArray>()?;
-        let descr = array.dtype();
-        let Some(dtype) = file_dtype(descr.kind(), descr.itemsize()) else {
+        let little_endian = array.dtype().call_method1("newbyteorder", ("<",))?;
+        let name_of_dtype: String = little_endian.getattr("str")?.extract()?;
+        let Some(&(dtype, _)) = NUMPY_DTYPES.iter().find(|(_, numpy_name)| *numpy_name == name_of_dtype) else {
             return Err(Error::DType {
                 what: format!("tensor {name:?}"),
                 expected: "a bool, integer or float dtype".into(),
@@ -1147,8 +1126,7 @@ fn save_file(
             }
             .into());
         };
-        let little_endian = array.call_method1("astype", (descr.call_method1("newbyteorder", ("<",))?,))?;
-        let data: Vec<u8> = little_endian.call_method0("tobytes")?.extract()?;
+        let data: Vec<u8> = array.call_method1("astype", (little_endian,))?.call_method0("tobytes")?.extract()?;
         file.tensors.push((name, RawTensor { dtype, shape: array.shape().to_vec(), data }));
     }
     Ok(py.detach(|| state_file::save(&path, &file))?)
@@ -1161,16 +1139,17 @@ fn load_file<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>
     let numpy = py.import("numpy")?;
     let result = PyDict::new(py);
     for (name, tensor) in file.tensors {
-        let Some(dtype) = numpy_dtype(tensor.dtype) else {
+        // NumPy has no bfloat16: widen to float32, exactly.
+        let (file_dtype, data) = match tensor.dtype {
+            FileDtype::BF16 => (FileDtype::F32, tensor.data.chunks_exact(2).flat_map(|b| [0, 0, b[0], b[1]]).collect()),
+            other => (other, tensor.data),
+        };
+        let Some(&(_, dtype)) = NUMPY_DTYPES.iter().find(|(d, _)| *d == file_dtype) else {
             return Err(Error::Format(format!(
                 "tensor {name:?} has dtype {:?}, which NumPy cannot hold",
                 tensor.dtype
             ))
             .into());
-        };
-        let data = match tensor.dtype {
-            FileDtype::BF16 => tensor.data.chunks_exact(2).flat_map(|b| [0, 0, b[0], b[1]]).collect(),
-            _ => tensor.data,
         };
         let buffer = pyo3::types::PyByteArray::new(py, &data);
         let array = numpy.call_method1("frombuffer", (buffer, dtype))?.call_method1("reshape", (tensor.shape,))?;
