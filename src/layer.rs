@@ -373,7 +373,8 @@ impl<T: Element> BatchNorm2d<T> {
 
     /// The keys this layer's state dict has, in PyTorch's order.
     pub fn state_keys(&self) -> Vec<&'static str> {
-        self.state_dict().into_iter().map(|(key, _)| key).collect()
+        let floats = Buffer::STATE.into_iter().filter(|b| self.buffer(*b).is_some()).map(Buffer::name);
+        floats.chain(self.num_batches_tracked.map(|_| NUM_BATCHES_TRACKED)).collect()
     }
 
     /// PyTorch's `state_dict()`: copies of the parameters and buffers.
