@@ -30,6 +30,8 @@ pub enum Error {
     StateDict(String),
     /// A feature this build or machine does not offer (e.g. a CUDA device).
     Unsupported(String),
+    /// The CUDA backend cannot run: no driver or NVRTC, no such device, or a failing CUDA call.
+    Cuda(String),
     /// A state file that is not a valid safetensors file, or not a BatchNorm2d state.
     Format(String),
     /// Reading or writing a file failed; `kind` picks the Python OSError subclass.
@@ -61,7 +63,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::InvalidArgument(msg) | Error::BadOutput(msg) | Error::StateDict(msg) => f.write_str(msg),
-            Error::Unsupported(msg) | Error::Format(msg) => f.write_str(msg),
+            Error::Unsupported(msg) | Error::Format(msg) | Error::Cuda(msg) => f.write_str(msg),
             Error::Io { message, .. } => f.write_str(message),
             Error::Rank { what, got } => write!(
                 f,

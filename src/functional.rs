@@ -88,7 +88,7 @@ pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
     Err(Error::ShapeMismatch { what: what.to_string(), expected: vec![expected], got: vec![got] })
 }
 
-fn check_batch_size(shape: Shape) -> Result<()> {
+pub(crate) fn check_batch_size(shape: Shape) -> Result<()> {
     if shape.values_per_channel() == 1 {
         return Err(Error::TooFewValues { shape: shape.dims().to_vec() });
     }

@@ -54,6 +54,17 @@ impl Buffer {
     }
 }
 
+/// What a forward does in the layer's current mode.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ForwardPlan {
+    /// Normalize with the batch's own statistics (else with the running ones).
+    pub batch_stats: bool,
+    /// Blend the batch's statistics into the running ones and count the batch.
+    pub updates: bool,
+    /// The blend weight: the momentum, or 1/(batches + 1) for a cumulative average.
+    pub factor: f64,
+}
+
 /// The constructor arguments of `torch.nn.BatchNorm2d`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -238,6 +249,18 @@ impl<T: Element> BatchNorm2d<T> {
             Buffer::GradBias => self.grad_bias.as_deref().filter(|_| self.has_grad),
         }
     }
+    /// Whether the configuration gives the layer this array (gradients included, held or not).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn has_buffer(&self, which: Buffer) -> bool {
+        match which {
+            Buffer::Weight => self.weight.is_some(),
+            Buffer::Bias => self.bias.is_some(),
+            Buffer::RunningMean => self.running_mean.is_some(),
+            Buffer::RunningVar => self.running_var.is_some(),
+            Buffer::GradWeight => self.grad_weight.is_some(),
+            Buffer::GradBias => self.grad_bias.is_some(),
+        }
+    }
     /// The same array, to write in place (an optimizer step, or loading values).
     pub fn buffer_mut(&mut self, which: Buffer) -> Option<&mut [T]> {
         let has_grad = self.has_grad;
@@ -296,24 +319,31 @@ impl<T: Element> BatchNorm2d<T> {
         self.bias.iter_mut().flatten().for_each(|v| *v = T::from_f64(0.0));
     }
 
-    /// Whether a forward in the current mode normalizes with the batch's own statistics.
-    fn uses_batch_stats(&self) -> bool {
-        self.training || !self.config.track_running_stats
+    /// What a forward in the current mode does, on any device.
+    pub(crate) fn forward_plan(&self) -> ForwardPlan {
+        let batch_stats = self.training || !self.config.track_running_stats;
+        let updates = self.training && self.config.track_running_stats;
+        let factor = match (updates, self.config.momentum, self.num_batches_tracked) {
+            (true, None, Some(count)) => 1.0 / (count + 1) as f64,
+            (_, momentum, _) => momentum.unwrap_or(0.0),
+        };
+        ForwardPlan { batch_stats, updates, factor }
+    }
+
+    /// Counts a batch that a training forward has normalized.
+    pub(crate) fn count_batch(&mut self) {
+        if let Some(count) = self.num_batches_tracked.as_mut() {
+            *count += 1;
+        }
     }
 
     /// Normalizes `x` into `y` (C-contiguous, `x.shape().numel()` long). In training mode with
     /// tracked statistics, updates the running buffers and counts the batch. Returns what
     /// [`Self::backward`] needs. A call that fails changes nothing.
     pub fn forward(&mut self, x: &TensorRef<'_, T>, y: &mut [T]) -> Result<SavedStats> {
-        let shape = x.shape();
-        self.check_channels(shape)?;
-        let batch_stats = self.uses_batch_stats();
-        let updates = self.training && self.config.track_running_stats;
-        let factor = match (updates, self.config.momentum, self.num_batches_tracked) {
-            (true, None, Some(count)) => 1.0 / (count + 1) as f64,
-            (_, momentum, _) => momentum.unwrap_or(0.0),
-        };
-        let (running_mean, running_var) = if updates || !batch_stats {
+        self.check_channels(x.shape())?;
+        let plan = self.forward_plan();
+        let (running_mean, running_var) = if plan.updates || !plan.batch_stats {
             (self.running_mean.as_deref_mut(), self.running_var.as_deref_mut())
         } else {
             (None, None)
@@ -325,16 +355,25 @@ impl<T: Element> BatchNorm2d<T> {
             running_var,
             self.weight.as_deref(),
             self.bias.as_deref(),
-            batch_stats,
-            factor,
+            plan.batch_stats,
+            plan.factor,
             self.config.eps,
         )?;
-        if updates {
-            if let Some(count) = self.num_batches_tracked.as_mut() {
-                *count += 1;
-            }
+        if plan.updates {
+            self.count_batch();
         }
         Ok(saved)
+    }
+
+    /// Whether the grad buffers hold a gradient that the next backward adds to.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn has_grad(&self) -> bool {
+        self.has_grad
+    }
+
+    /// Records that a backward wrote the gradients (there are none without affine).
+    pub(crate) fn mark_backward(&mut self) {
+        self.has_grad = self.config.affine;
     }
 
     /// Writes grad_input for the forward that returned `saved` into `dx`, and adds the weight and
@@ -356,11 +395,11 @@ impl<T: Element> BatchNorm2d<T> {
         };
         accumulate(&mut self.grad_weight, &grads.grad_weight);
         accumulate(&mut self.grad_bias, &grads.grad_bias);
-        self.has_grad = self.config.affine;
+        self.mark_backward();
         Ok(())
     }
 
-    fn check_channels(&self, shape: Shape) -> Result<()> {
+    pub(crate) fn check_channels(&self, shape: Shape) -> Result<()> {
         if shape.c != self.config.num_features {
             return Err(Error::ChannelMismatch {
                 expected: self.config.num_features,

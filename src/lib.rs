@@ -14,6 +14,9 @@
 //!   passes in `src/cpu/backward.rs`; the innermost per-block loops are in `src/cpu/kernels.rs`,
 //!   written once for scalar, AVX2, AVX-512 and NEON and dispatched at run time in
 //!   `src/cpu/simd.rs` ([`SimdLevel`]); how work is split across threads is in `src/cpu/mod.rs`;
+//! - the CUDA backend in `src/cuda/` (feature `cuda`): [`cuda::CudaBatchNorm2d`], and **the CUDA
+//!   training forward, `cuda::forward::train`** (`src/cuda/forward.rs`), launching the kernels of
+//!   `src/cuda/kernels.cu`;
 //! - shapes and strided views, [`Shape`] and [`TensorRef`] (`src/shape.rs`);
 //! - the one error type, [`Error`] (`src/error.rs`), mapped to Python exceptions in
 //!   `src/python.rs`, the only file that knows PyO3;
@@ -33,6 +36,8 @@
 //! ```
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod element;
 mod error;
 pub mod functional;

@@ -15,6 +15,9 @@ use std::path::PathBuf;
 
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
@@ -27,7 +30,9 @@ impl From<Error> for PyErr {
         let message = error.to_string();
         match error {
             Error::DType { .. } | Error::NotAnArray { .. } => PyTypeError::new_err(message),
-            Error::NoForward | Error::StateDict(_) | Error::Unsupported(_) => PyRuntimeError::new_err(message),
+            Error::NoForward | Error::StateDict(_) | Error::Unsupported(_) | Error::Cuda(_) => {
+                PyRuntimeError::new_err(message)
+            }
             // std::io::Error's conversion picks the OSError subclass (FileNotFoundError, ...).
             Error::Io { kind, .. } => std::io::Error::new(kind, message).into(),
             Error::InvalidArgument(_)
@@ -43,8 +48,10 @@ impl From<Error> for PyErr {
 }
 
 /// The float types a module can hold, with the numpy glue each needs.
-trait Float: Element + NpElement {
+pub(crate) trait Float: Element + NpElement {
     fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<Self>>;
+    #[cfg(feature = "cuda")]
+    fn gpu_mut(layer: &mut cuda::GpuLayer) -> Option<&mut crate::cuda::CudaBatchNorm2d<Self>>;
 }
 
 /// The layer of element type `T`; the bindings only ever ask for the module's own dtype.
@@ -56,7 +63,8 @@ fn typed<T: Float>(layer: &mut Layer) -> Result<&mut BatchNorm2d<T>> {
     })
 }
 
-enum Layer {
+#[derive(Clone)]
+pub(crate) enum Layer {
     F32(BatchNorm2d<f32>),
     F64(BatchNorm2d<f64>),
 }
@@ -68,6 +76,13 @@ impl Float for f32 {
             Layer::F64(_) => None,
         }
     }
+    #[cfg(feature = "cuda")]
+    fn gpu_mut(layer: &mut cuda::GpuLayer) -> Option<&mut crate::cuda::CudaBatchNorm2d<f32>> {
+        match layer {
+            cuda::GpuLayer::F32(l) => Some(l),
+            cuda::GpuLayer::F64(_) => None,
+        }
+    }
 }
 
 impl Float for f64 {
@@ -75,6 +90,13 @@ impl Float for f64 {
         match layer {
             Layer::F64(l) => Some(l),
             Layer::F32(_) => None,
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn gpu_mut(layer: &mut cuda::GpuLayer) -> Option<&mut crate::cuda::CudaBatchNorm2d<f64>> {
+        match layer {
+            cuda::GpuLayer::F64(l) => Some(l),
+            cuda::GpuLayer::F32(_) => None,
         }
     }
 }
@@ -95,8 +117,8 @@ macro_rules! with_layer {
     };
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Dtype {
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Dtype {
     F32,
     F64,
 }
@@ -134,7 +156,7 @@ fn describe(value: &Bound<'_, PyAny>) -> String {
     value.repr().map_or_else(|_| "<unprintable>".to_string(), |r| r.to_string())
 }
 
-fn type_name(value: &Bound<'_, PyAny>) -> String {
+pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
     value.get_type().name().map_or_else(|_| "<unknown type>".to_string(), |n| n.to_string())
 }
 
@@ -282,9 +304,18 @@ fn lock<'a, S: Send>(py: Python<'_>, mutex: &'a Mutex<S>) -> MutexGuard<'a, S> {
 }
 
 /// What the most recent forward left for `backward`.
-struct Saved {
-    stats: SavedStats,
-    input: Py<PyAny>,
+enum Saved {
+    Host {
+        stats: SavedStats,
+        input: Py<PyAny>,
+    },
+    /// On a GPU the statistics stay in the layer; the input is read in place again.
+    #[cfg(feature = "cuda")]
+    Gpu {
+        ptr: u64,
+        dims: Vec<usize>,
+        _input: Py<PyAny>,
+    },
 }
 
 /// BatchNorm2d(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)
@@ -295,19 +326,27 @@ struct Saved {
 pub struct PyBatchNorm2d {
     config: Config,
     dtype: Dtype,
-    layer: Mutex<Layer>,
+    layer: Mutex<State>,
     saved: Mutex<Option<Saved>>,
 }
 
 impl PyBatchNorm2d {
     /// A NumPy view of one of the module's (C,) arrays; the view keeps the module alive.
     fn view<'py>(slf: &Bound<'py, Self>, which: Buffer) -> Option<Bound<'py, PyAny>> {
-        with_layer!(&*lock(slf.py(), &slf.get().layer), l: _T => buffer_view(slf, l.buffer(which)))
+        let state = lock(slf.py(), &slf.get().layer);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &state.gpu {
+            return gpu.view(slf, which, slf.get().dtype);
+        }
+        with_layer!(&state.host, l: _T => buffer_view(slf, l.buffer(which)))
     }
 
     /// Copies `value` into one of the module's (C,) arrays after checking it.
     fn assign(&self, py: Python<'_>, which: Buffer, value: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_layer!(&mut *lock(py, &self.layer), l: T => assign_buffer::<T>(l.buffer_mut(which), value, which))
+        #[cfg(feature = "cuda")]
+        let value = &cuda::host_array(value)?;
+        lock(py, &self.layer)
+            .edit_host(|host| with_layer!(host, l: T => assign_buffer::<T>(l.buffer_mut(which), value, which)))
     }
 
     fn forward_typed<'py, T: Float>(
@@ -323,10 +362,10 @@ impl PyBatchNorm2d {
         // SAFETY: `y` comes from `output` and nothing else refers to it yet.
         let y_data = unsafe { out_slice(&y)? };
         let stats = py.detach(|| {
-            let mut layer = this.layer.lock().unwrap_or_else(|p| p.into_inner());
-            typed::<T>(&mut layer)?.forward(&view, y_data)
+            let mut state = this.layer.lock().unwrap_or_else(|p| p.into_inner());
+            typed::<T>(&mut state.host)?.forward(&view, y_data)
         })?;
-        *lock(py, &this.saved) = Some(Saved { stats, input: x.into_any().unbind() });
+        *lock(py, &this.saved) = Some(Saved::Host { stats, input: x.into_any().unbind() });
         Ok(y)
     }
 
@@ -338,7 +377,9 @@ impl PyBatchNorm2d {
         let py = slf.py();
         let this = slf.get();
         let (stats, input) = match lock(py, &this.saved).as_ref() {
-            Some(saved) => (saved.stats.clone(), saved.input.clone_ref(py)),
+            Some(Saved::Host { stats, input }) => (stats.clone(), input.clone_ref(py)),
+            #[cfg(feature = "cuda")]
+            Some(Saved::Gpu { .. }) => return Err(Error::NoForward.into()),
             None => return Err(Error::NoForward.into()),
         };
         let x = input.into_bound(py).cast_into::<PyArrayDyn<T>>()?;
@@ -356,8 +397,8 @@ impl PyBatchNorm2d {
         // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
         let dx_data = unsafe { out_slice(&dx)? };
         py.detach(|| {
-            let mut layer = this.layer.lock().unwrap_or_else(|p| p.into_inner());
-            typed::<T>(&mut layer)?.backward(&stats, &x_view, &dy_view, dx_data)
+            let mut state = this.layer.lock().unwrap_or_else(|p| p.into_inner());
+            typed::<T>(&mut state.host)?.backward(&stats, &x_view, &dy_view, dx_data)
         })?;
         Ok(dx)
     }
@@ -400,10 +441,14 @@ fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
 
 /// Constructor keywords given to `from_file` / `from_state_dict`: configuration overrides and the
 /// dtype, checked as the constructor checks them.
-fn parse_overrides(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<(ConfigOverrides, Option<Dtype>)> {
+fn parse_overrides(
+    py: Python<'_>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<(ConfigOverrides, Option<Dtype>, Placement)> {
     let mut overrides = ConfigOverrides::default();
     let mut dtype = None;
-    let Some(kwargs) = kwargs else { return Ok((overrides, dtype)) };
+    let mut placement = Placement::Cpu;
+    let Some(kwargs) = kwargs else { return Ok((overrides, dtype, placement)) };
     for (key, value) in kwargs.iter() {
         let key: String = key.extract()?;
         match key.as_str() {
@@ -423,11 +468,11 @@ fn parse_overrides(py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResu
             "bias" => overrides.bias = Some(value.extract()?),
             "track_running_stats" => overrides.track_running_stats = Some(value.extract()?),
             "dtype" => dtype = Some(Dtype::parse(py, Some(&value))?),
-            "device" => check_device(Some(&value))?,
+            "device" => placement = parse_device(Some(&value))?,
             other => return Err(PyTypeError::new_err(format!("unexpected keyword argument {other:?}"))),
         }
     }
-    Ok((overrides, dtype))
+    Ok((overrides, dtype, placement))
 }
 
 impl Dtype {
@@ -437,11 +482,90 @@ impl Dtype {
             Dtype::F64 => f64::DTYPE,
         }
     }
+    #[cfg(feature = "cuda")]
+    fn item_size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F64 => 8,
+        }
+    }
+}
+
+/// Where a module's parameters and buffers live.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Placement {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Placement {
+    fn name(self) -> String {
+        match self {
+            Placement::Cpu => "cpu".into(),
+            Placement::Cuda(ordinal) => format!("cuda:{ordinal}"),
+        }
+    }
+}
+
+/// A module's state: on the CPU in `host`; on a GPU in `gpu`, with `host` then out of date.
+struct State {
+    host: Layer,
+    #[cfg(feature = "cuda")]
+    gpu: Option<cuda::GpuLayer>,
+    /// Layers left behind by moves between devices, kept because views of their arrays may be
+    /// alive (a NumPy view of a weight, a DeviceArray of a running mean).
+    #[cfg(feature = "cuda")]
+    retired: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+impl State {
+    fn new(host: Layer) -> State {
+        State {
+            host,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            #[cfg(feature = "cuda")]
+            retired: Vec::new(),
+        }
+    }
+
+    fn placement(&self) -> Placement {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return Placement::Cuda(gpu.device().ordinal());
+        }
+        Placement::Cpu
+    }
+
+    /// Runs `read` on the state as a CPU layer (on a GPU: on a copy fetched from it).
+    fn read_host<R>(&self, read: impl FnOnce(&Layer) -> R) -> Result<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return Ok(read(&gpu.to_host()?));
+        }
+        Ok(read(&self.host))
+    }
+
+    /// Runs `edit` on the state as a CPU layer (on a GPU: on a copy, written back if it succeeds).
+    fn edit_host<R>(&mut self, edit: impl FnOnce(&mut Layer) -> PyResult<R>) -> PyResult<R> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut self.gpu {
+            let mut host = gpu.to_host()?;
+            let result = edit(&mut host)?;
+            gpu.set_host(host)?;
+            return Ok(result);
+        }
+        edit(&mut self.host)
+    }
 }
 
 /// A module of class `cls` (BatchNorm2d or a subclass) holding `layer`: made through `__new__`
 /// with the layer's configuration, so the constructor's checks apply, then given the state.
-fn instantiate<'py>(cls: &Bound<'py, PyType>, layer: Layer) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+fn instantiate<'py>(
+    cls: &Bound<'py, PyType>,
+    layer: Layer,
+    placement: Placement,
+) -> PyResult<Bound<'py, PyBatchNorm2d>> {
     let py = cls.py();
     let (config, dtype) = match &layer {
         Layer::F32(l) => (l.config().clone(), Dtype::F32),
@@ -456,7 +580,8 @@ fn instantiate<'py>(cls: &Bound<'py, PyType>, layer: Layer) -> PyResult<Bound<'p
     kwargs.set_item("bias", config.bias)?;
     let module = cls.call_method("__new__", (cls, config.num_features), Some(&kwargs))?.cast_into::<PyBatchNorm2d>()?;
     // Nothing can hold a view of the fresh module's buffers yet, so replacing them is safe.
-    *lock(py, &module.get().layer) = layer;
+    *lock(py, &module.get().layer) = State::new(layer);
+    module.get().move_to(py, placement)?;
     Ok(module)
 }
 
@@ -477,14 +602,14 @@ fn from_tensor_file<'py>(
     file: &TensorFile,
     kwargs: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
-    let (overrides, dtype) = parse_overrides(cls.py(), kwargs)?;
+    let (overrides, dtype, placement) = parse_overrides(cls.py(), kwargs)?;
     let dtype = dtype.unwrap_or(if file.float_dtype() == "float64" { Dtype::F64 } else { Dtype::F32 });
     let layer = build_layer(
         dtype,
         || Ok(BatchNorm2d::from_tensor_file(file, &overrides)?),
         || Ok(BatchNorm2d::from_tensor_file(file, &overrides)?),
     )?;
-    instantiate(cls, layer)
+    instantiate(cls, layer, placement)
 }
 
 #[pymethods]
@@ -512,14 +637,16 @@ impl PyBatchNorm2d {
         if count <= 0 {
             return Err(Error::InvalidArgument(format!("num_features must be a positive integer, got {count}")).into());
         }
-        check_device(device)?;
+        let placement = parse_device(device)?;
         let dtype = Dtype::parse(py, dtype)?;
         let config = Config { num_features: count as usize, eps, momentum, affine, bias, track_running_stats };
         let layer = match dtype {
             Dtype::F32 => Layer::F32(BatchNorm2d::new(config.clone())?),
             Dtype::F64 => Layer::F64(BatchNorm2d::new(config.clone())?),
         };
-        Ok(PyBatchNorm2d { config, dtype, layer: Mutex::new(layer), saved: Mutex::new(None) })
+        let module = PyBatchNorm2d { config, dtype, layer: Mutex::new(State::new(layer)), saved: Mutex::new(None) };
+        module.move_to(py, placement)?;
+        Ok(module)
     }
 
     #[getter]
@@ -550,19 +677,36 @@ impl PyBatchNorm2d {
             Dtype::F64 => dtype::<f64>(py),
         }
     }
-    /// Where the parameters live: always "cpu" in this build.
+    /// Where the parameters and buffers live: "cpu" or "cuda:N".
     #[getter]
-    fn device(&self) -> &'static str {
-        "cpu"
+    fn device(&self, py: Python<'_>) -> String {
+        lock(py, &self.layer).placement().name()
+    }
+
+    /// to(device): moves the parameters and buffers to "cpu", "cuda" or "cuda:N"; returns the module.
+    fn to<'py>(slf: Bound<'py, Self>, device: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Self>> {
+        let placement = parse_device(Some(device))?;
+        slf.get().move_to(slf.py(), placement)?;
+        Ok(slf)
     }
 
     #[getter]
     fn training(&self, py: Python<'_>) -> bool {
-        with_layer!(&*lock(py, &self.layer), l: _T => l.is_training())
+        let state = lock(py, &self.layer);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &state.gpu {
+            return gpu.is_training();
+        }
+        with_layer!(&state.host, l: _T => l.is_training())
     }
     #[setter]
     fn set_training(&self, py: Python<'_>, mode: bool) {
-        with_layer!(&mut *lock(py, &self.layer), l: _T => l.set_training(mode))
+        let mut state = lock(py, &self.layer);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &mut state.gpu {
+            return gpu.set_training(mode);
+        }
+        with_layer!(&mut state.host, l: _T => l.set_training(mode))
     }
 
     #[getter]
@@ -599,7 +743,12 @@ impl PyBatchNorm2d {
     }
     #[getter]
     fn num_batches_tracked(&self, py: Python<'_>) -> Option<i64> {
-        with_layer!(&*lock(py, &self.layer), l: _T => l.num_batches_tracked())
+        let state = lock(py, &self.layer);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &state.gpu {
+            return gpu.num_batches_tracked();
+        }
+        with_layer!(&state.host, l: _T => l.num_batches_tracked())
     }
     /// Σ of weight gradients over backward calls since zero_grad(); None before any.
     #[getter]
@@ -612,36 +761,59 @@ impl PyBatchNorm2d {
         Self::view(slf, Buffer::GradBias)
     }
 
-    /// forward(input, *, out=None): normalizes input; in training mode updates the running statistics.
-    #[pyo3(signature = (input, *, out=None))]
+    /// forward(input, *, out=None, stream=None): normalizes input; in training mode updates the running statistics.
+    #[pyo3(signature = (input, *, out=None, stream=None))]
     fn forward<'py>(
         slf: &Bound<'py, Self>,
         input: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
+        stream: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        match slf.get().dtype {
+        let this = slf.get();
+        #[cfg(feature = "cuda")]
+        if lock(slf.py(), &this.layer).gpu.is_some() {
+            let stream = cuda::parse_stream(stream)?;
+            return match this.dtype {
+                Dtype::F32 => cuda::forward::<f32>(slf, input, out, stream),
+                Dtype::F64 => cuda::forward::<f64>(slf, input, out, stream),
+            };
+        }
+        check_on_host(input, "input", stream)?;
+        match this.dtype {
             Dtype::F32 => Self::forward_typed::<f32>(slf, input, out).map(Bound::into_any),
             Dtype::F64 => Self::forward_typed::<f64>(slf, input, out).map(Bound::into_any),
         }
     }
 
-    #[pyo3(signature = (input, *, out=None))]
+    #[pyo3(signature = (input, *, out=None, stream=None))]
     fn __call__<'py>(
         slf: &Bound<'py, Self>,
         input: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
+        stream: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        Self::forward(slf, input, out)
+        Self::forward(slf, input, out, stream)
     }
 
-    /// backward(grad_output, *, out=None): grad_input for the most recent forward; adds into grad_weight and grad_bias.
-    #[pyo3(signature = (grad_output, *, out=None))]
+    /// backward(grad_output, *, out=None, stream=None): grad_input for the most recent forward; adds into grad_weight and grad_bias.
+    #[pyo3(signature = (grad_output, *, out=None, stream=None))]
     fn backward<'py>(
         slf: &Bound<'py, Self>,
         grad_output: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
+        stream: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        match slf.get().dtype {
+        let this = slf.get();
+        #[cfg(feature = "cuda")]
+        if lock(slf.py(), &this.layer).gpu.is_some() {
+            let stream = cuda::parse_stream(stream)?;
+            return match this.dtype {
+                Dtype::F32 => cuda::backward::<f32>(slf, grad_output, out, stream),
+                Dtype::F64 => cuda::backward::<f64>(slf, grad_output, out, stream),
+            };
+        }
+        check_on_host(grad_output, "grad_output", stream)?;
+        match this.dtype {
             Dtype::F32 => Self::backward_typed::<f32>(slf, grad_output, out).map(Bound::into_any),
             Dtype::F64 => Self::backward_typed::<f64>(slf, grad_output, out).map(Bound::into_any),
         }
@@ -660,28 +832,31 @@ impl PyBatchNorm2d {
     }
 
     /// zero_grad(): forgets the accumulated gradients (grad_weight and grad_bias become None).
-    fn zero_grad(&self, py: Python<'_>) {
-        with_layer!(&mut *lock(py, &self.layer), l: _T => l.zero_grad())
+    fn zero_grad(&self, py: Python<'_>) -> PyResult<()> {
+        lock(py, &self.layer).edit_host(|host| Ok(with_layer!(host, l: _T => l.zero_grad())))
     }
 
     /// reset_running_stats(): running_mean 0, running_var 1, num_batches_tracked 0.
-    fn reset_running_stats(&self, py: Python<'_>) {
-        with_layer!(&mut *lock(py, &self.layer), l: _T => l.reset_running_stats())
+    fn reset_running_stats(&self, py: Python<'_>) -> PyResult<()> {
+        lock(py, &self.layer).edit_host(|host| Ok(with_layer!(host, l: _T => l.reset_running_stats())))
     }
 
     /// reset_parameters(): reset_running_stats(), weight 1, bias 0.
-    fn reset_parameters(&self, py: Python<'_>) {
-        with_layer!(&mut *lock(py, &self.layer), l: _T => l.reset_parameters())
+    fn reset_parameters(&self, py: Python<'_>) -> PyResult<()> {
+        lock(py, &self.layer).edit_host(|host| Ok(with_layer!(host, l: _T => l.reset_parameters())))
     }
 
     /// state_dict(): copies of the parameters and buffers under PyTorch's keys.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
-        with_layer!(&*lock(py, &self.layer), l: _T => {
-            for (key, tensor) in l.state_dict() {
-                dict.set_item(key, state_array(py, tensor)?)?;
-            }
-        });
+        lock(py, &self.layer).read_host(|host| -> PyResult<()> {
+            with_layer!(host, l: _T => {
+                for (key, tensor) in l.state_dict() {
+                    dict.set_item(key, state_array(py, tensor)?)?;
+                }
+            });
+            Ok(())
+        })??;
         Ok(dict)
     }
 
@@ -697,11 +872,11 @@ impl PyBatchNorm2d {
         let report = match self.dtype {
             Dtype::F32 => {
                 let entries = state_entries::<f32>(state_dict, "")?;
-                typed::<f32>(&mut lock(py, &self.layer))?.load_state_dict(&entries, strict)?
+                lock(py, &self.layer).edit_host(|host| Ok(typed::<f32>(host)?.load_state_dict(&entries, strict)?))?
             }
             Dtype::F64 => {
                 let entries = state_entries::<f64>(state_dict, "")?;
-                typed::<f64>(&mut lock(py, &self.layer))?.load_state_dict(&entries, strict)?
+                lock(py, &self.layer).edit_host(|host| Ok(typed::<f64>(host)?.load_state_dict(&entries, strict)?))?
             }
         };
         PyTuple::new(py, [PyList::new(py, report.missing_keys)?, PyList::new(py, report.unexpected_keys)?])
@@ -710,7 +885,7 @@ impl PyBatchNorm2d {
     /// save(path): writes the state to a safetensors file that PyTorch loads, atomically, with the
     /// configuration in its metadata.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let file = with_layer!(&*lock(py, &self.layer), l: _T => l.to_tensor_file());
+        let file = lock(py, &self.layer).read_host(|host| with_layer!(host, l: _T => l.to_tensor_file()))?;
         Ok(py.detach(|| state_file::save(&path, &file))?)
     }
 
@@ -738,7 +913,7 @@ impl PyBatchNorm2d {
         prefix: &str,
         config: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
-        let (overrides, dtype) = parse_overrides(cls.py(), config)?;
+        let (overrides, dtype, placement) = parse_overrides(cls.py(), config)?;
         let dtype = match dtype {
             Some(dtype) => dtype,
             None => mapping_float_dtype(state_dict, prefix)?,
@@ -756,13 +931,13 @@ impl PyBatchNorm2d {
             || build::<f32>(state_dict, prefix, &overrides),
             || build::<f64>(state_dict, prefix, &overrides),
         )?;
-        instantiate(cls, layer)
+        instantiate(cls, layer, placement)
     }
 
     /// Pickling and copy.deepcopy: the state file's bytes, configuration and training flag included.
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
         let py = slf.py();
-        let file = with_layer!(&*lock(py, &slf.get().layer), l: _T => l.to_tensor_file());
+        let file = lock(py, &slf.get().layer).read_host(|host| with_layer!(host, l: _T => l.to_tensor_file()))?;
         let bytes = PyBytes::new(py, &state_file::serialize(&file)?);
         let rebuild = slf.get_type().getattr("_from_bytes")?;
         PyTuple::new(py, [rebuild, PyTuple::new(py, [bytes])?.into_any()])
@@ -799,24 +974,91 @@ fn py_bool(value: bool) -> &'static str {
     }
 }
 
-fn check_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-    let Some(device) = device.filter(|d| !d.is_none()) else { return Ok(()) };
-    let name: String = device
-        .cast::<PyString>()
-        .map_err(|_| {
-            PyTypeError::new_err(format!("device must be None or a string such as 'cpu', got {}", type_name(device)))
-        })?
-        .to_string();
-    if name == "cpu" {
-        return Ok(());
-    }
-    if name == "cuda" || name.starts_with("cuda:") {
-        return Err(Error::Unsupported(format!(
-            "device {name:?} needs the CUDA backend, which this build of batchnorm does not include; use device='cpu'"
+/// A module on the CPU takes NumPy arrays and no stream: a GPU array or a stream is a mistake
+/// worth naming (the module has to move first).
+fn check_on_host(value: &Bound<'_, PyAny>, what: &str, stream: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    let on_gpu = value.cast::<PyUntypedArray>().is_err()
+        && (value.hasattr("__cuda_array_interface__")? || value.hasattr("__dlpack_device__")?);
+    if on_gpu {
+        return Err(Error::InvalidArgument(format!(
+            "expected {what} on the module's device (cpu), got a GPU array ({}); move the module with .to('cuda') \
+             or the array to the host",
+            type_name(value)
         ))
         .into());
     }
-    Err(Error::InvalidArgument(format!("unknown device {name:?}: expected None, 'cpu' or 'cuda'")).into())
+    if stream.is_some_and(|s| !s.is_none()) {
+        return Err(
+            Error::InvalidArgument("stream= applies to modules on a GPU; this module is on the cpu".into()).into()
+        );
+    }
+    Ok(())
+}
+
+/// "cpu", "cuda", "cuda:N", or anything whose str() is one of those (a torch.device).
+fn parse_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<Placement> {
+    let Some(device) = device.filter(|d| !d.is_none()) else { return Ok(Placement::Cpu) };
+    let name: String = match device.cast::<PyString>() {
+        Ok(name) => name.to_string(),
+        Err(_) if device.hasattr("type")? => device.str()?.to_string(),
+        Err(_) => {
+            return Err(PyTypeError::new_err(format!(
+                "device must be None or a string such as 'cpu' or 'cuda:0', got {}",
+                type_name(device)
+            )))
+        }
+    };
+    let ordinal = match name.as_str() {
+        "cpu" => return Ok(Placement::Cpu),
+        "cuda" => Some(0),
+        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+    };
+    match ordinal {
+        Some(ordinal) => Ok(Placement::Cuda(ordinal)),
+        None => {
+            Err(Error::InvalidArgument(format!("unknown device {name:?}: expected None, 'cpu', 'cuda' or 'cuda:N'"))
+                .into())
+        }
+    }
+}
+
+impl PyBatchNorm2d {
+    /// Moves the state to `placement` (nothing to do if it is there already).
+    fn move_to(&self, py: Python<'_>, placement: Placement) -> PyResult<()> {
+        if lock(py, &self.layer).placement() == placement {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let mut state = lock(py, &self.layer);
+            let gpu = match placement {
+                Placement::Cuda(ordinal) => {
+                    let host = match state.gpu.as_ref() {
+                        Some(gpu) => gpu.to_host()?,
+                        None => state.host.clone(),
+                    };
+                    Some(py.detach(|| cuda::GpuLayer::new(host, ordinal))?)
+                }
+                Placement::Cpu => None,
+            };
+            if let Some(previous) = state.gpu.take() {
+                let host = previous.to_host()?;
+                let stale = std::mem::replace(&mut state.host, host);
+                state.retired.push(Box::new(stale));
+                state.retired.push(Box::new(previous));
+            }
+            state.gpu = gpu;
+            *lock(py, &self.saved) = None;
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Unsupported(format!(
+            "device {:?} needs the CUDA backend, which this build of batchnorm does not include (the `cuda` \
+             feature); use device='cpu'",
+            placement.name()
+        ))
+        .into())
+    }
 }
 
 fn state_array<T: Float>(py: Python<'_>, tensor: StateTensor<T>) -> PyResult<Bound<'_, PyAny>> {
@@ -1185,6 +1427,8 @@ fn get_num_threads() -> usize {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBatchNorm2d>()?;
+    #[cfg(feature = "cuda")]
+    m.add_class::<cuda::DeviceArray>()?;
     m.add_function(wrap_pyfunction!(batch_norm, m)?)?;
     m.add_function(wrap_pyfunction!(batch_norm_backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;

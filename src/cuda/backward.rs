@@ -1,0 +1,53 @@
+//! The backward launcher: pass 1 `gradient_sums` (kernels.cu) reads x and dy once for both
+//! reductions and finalizes grad_weight, grad_bias and pass 2's coefficients in each channel's
+//! last block; pass 2 `input_gradient` writes dx once.
+
+use super::device::Device;
+use super::launch::{launch, BackwardArgs, Geometry, Workspace};
+use super::memory::{DeviceTensor, Stream};
+use crate::element::Element;
+use crate::error::Result;
+
+/// Where the backward writes the parameter gradients, and how.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Gradients {
+    /// The forward's weight (0 without affine), which scales dx.
+    pub weight: u64,
+    pub grad_weight: u64,
+    pub grad_bias: u64,
+    /// Add into the gradients instead of overwriting them.
+    pub accumulate: bool,
+}
+
+/// grad_input of a forward that saved its statistics in `workspace`; `from_batch` when that
+/// forward normalized with the batch's own statistics (so the gradient flows through them).
+///
+/// # Safety
+/// `x`, `dy`, `dx` and the pointers in `gradients` must be valid on `device` per [`DeviceTensor`].
+pub(crate) unsafe fn backward<T: Element>(
+    device: &Device,
+    stream: Stream,
+    x: DeviceTensor<T>,
+    dy: DeviceTensor<T>,
+    dx: DeviceTensor<T>,
+    gradients: Gradients,
+    from_batch: bool,
+    workspace: &Workspace,
+) -> Result<()> {
+    let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
+    let splits = geometry.splits(device, workspace);
+    let args = BackwardArgs {
+        x: x.ptr(),
+        dy: dy.ptr(),
+        dx: dx.ptr(),
+        splits,
+        weight: gradients.weight,
+        grad_weight: gradients.grad_weight,
+        grad_bias: gradients.grad_bias,
+        from_batch: u64::from(from_batch),
+        accumulate: u64::from(gradients.accumulate),
+        ..geometry.backward_args(workspace)
+    };
+    launch(device, &geometry.kernel::<T>("gradient_sums"), (geometry.channels as u32, splits as u32), stream, &args)?;
+    launch(device, &geometry.kernel::<T>("input_gradient"), (geometry.tiles()?, 1), stream, &args)
+}

@@ -1,0 +1,82 @@
+//! The forward launchers. **The CUDA training forward is [`train`]**: pass 1 `statistics`
+//! (kernels.cu) reduces each channel to moments, and its last block per channel finalizes them
+//! and blends the running statistics; pass 2 `normalize` writes y once. Eval is [`eval`].
+
+use super::device::Device;
+use super::launch::{launch, Geometry, Workspace};
+use super::memory::{DeviceTensor, Stream};
+use crate::element::Element;
+use crate::error::Result;
+
+/// The layer's (C,) arrays a forward reads or updates, as device pointers (0 when absent).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Parameters {
+    pub weight: u64,
+    pub bias: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+}
+
+/// Normalizes `x` into `y` with the batch's statistics, saving them in `workspace` for the
+/// backward; blends them into the running statistics with `factor` when those pointers are set.
+///
+/// # Safety
+/// `x`, `y` and every pointer in `parameters` must be valid on `device` per [`DeviceTensor`].
+pub(crate) unsafe fn train<T: Element>(
+    device: &Device,
+    stream: Stream,
+    x: DeviceTensor<T>,
+    y: DeviceTensor<T>,
+    parameters: Parameters,
+    workspace: &Workspace,
+    factor: f64,
+    eps: f64,
+) -> Result<()> {
+    let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
+    let splits = geometry.splits(device, workspace);
+    let args = super::launch::ForwardArgs {
+        x: x.ptr(),
+        y: y.ptr(),
+        splits,
+        running_mean: parameters.running_mean,
+        running_var: parameters.running_var,
+        weight: parameters.weight,
+        bias: parameters.bias,
+        factor,
+        eps,
+        ..geometry.forward_args(workspace)
+    };
+    launch(device, &geometry.kernel::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
+    launch(device, &geometry.kernel::<T>("normalize"), (geometry.tiles()?, 1), stream, &args)
+}
+
+/// Normalizes `x` into `y` with the running statistics (which `parameters` must point to),
+/// saving them in `workspace` as the constants the backward uses.
+///
+/// # Safety
+/// As [`train`].
+pub(crate) unsafe fn eval<T: Element>(
+    device: &Device,
+    stream: Stream,
+    x: DeviceTensor<T>,
+    y: DeviceTensor<T>,
+    parameters: Parameters,
+    workspace: &Workspace,
+    eps: f64,
+) -> Result<()> {
+    let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
+    let args = super::launch::ForwardArgs {
+        x: x.ptr(),
+        y: y.ptr(),
+        running_mean: parameters.running_mean,
+        running_var: parameters.running_var,
+        weight: parameters.weight,
+        bias: parameters.bias,
+        eps,
+        ..geometry.forward_args(workspace)
+    };
+    let coefficient_blocks = geometry.channels.div_ceil(256) as u32;
+    let coefficients = format!("eval_coefficients_{}", super::launch::dtype_suffix::<T>());
+    launch(device, &coefficients, (coefficient_blocks, 1), stream, &args)?;
+    launch(device, &geometry.kernel::<T>("normalize"), (geometry.tiles()?, 1), stream, &args)
+}

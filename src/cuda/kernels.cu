@@ -1,0 +1,424 @@
+// The CUDA kernels of batchnorm. NVRTC compiles this file at run time for the device's own
+// architecture (src/cuda/device.rs), once per process and device.
+//
+// Tensors are (N, C, HW) and C-contiguous. Every kernel exists per element type and load width:
+// `<kernel>_f32x4`, `_f32x1`, `_f64x2`, `_f64x1` (entry points at the end). The wide versions move
+// 16 bytes per load and run when HW is a multiple of the width and the pointers are 16-byte aligned.
+//
+// The CPU kernels they must match: the training forward in src/cpu/forward.rs, the backward in
+// src/cpu/backward.rs. As there, sums are kept in double with each channel shifted by one of its
+// own values, partial results are merged with Chan's formula, and float32 outputs subtract the
+// mean as hi + lo, so offset data keeps its digits.
+
+typedef unsigned long long u64;
+
+#define THREADS 256  // every launch's block size; src/cuda/launch.rs says the same
+#define UNROLL 4     // independent loads each thread has in flight
+
+// Kernel arguments, one struct per direction; the Rust twins are in src/cuda/launch.rs and every
+// field is 8 bytes wide so both sides agree on the layout.
+struct ForwardArgs {
+    const void* x;
+    void* y;
+    u64 images, channels, plane;  // N, C, H*W
+    u64 splits;                   // blocks per channel in the statistics pass
+    void* partials;               // Moments[C * splits]
+    unsigned* arrivals;           // [C], zero between calls
+    void* coefficients;           // Affine<T>[C], written by the statistics pass
+    double* saved_mean;           // [C], what the backward differentiates through
+    double* saved_invstd;         // [C]
+    void* running_mean;           // T[C] or null
+    void* running_var;            // T[C] or null
+    const void* weight;           // T[C] or null (affine=False)
+    const void* bias;             // T[C] or null
+    double factor;                // running-statistics blend: momentum, or 1/(batches + 1)
+    double eps;
+};
+
+struct BackwardArgs {
+    const void* x;
+    const void* dy;
+    void* dx;
+    u64 images, channels, plane;
+    u64 splits;
+    void* partials;       // Sums[C * splits]
+    unsigned* arrivals;   // [C], zero between calls
+    void* coefficients;   // GradAffine<T>[C]
+    const double* saved_mean;
+    const double* saved_invstd;
+    const void* weight;   // T[C] or null
+    void* grad_weight;    // T[C] or null
+    void* grad_bias;      // T[C] or null
+    u64 from_batch;       // the forward used the batch's statistics, so gradients flow through them
+    u64 accumulate;       // add into grad_weight / grad_bias instead of overwriting them
+};
+
+template <typename T, int W>
+struct __align__(sizeof(T) * W) Pack {
+    T v[W];
+};
+
+// x - mean as (x - hi) - lo: exact for x near the mean, where a single float mean would round.
+template <typename T>
+struct Affine {
+    T mean_hi, mean_lo, scale, shift;  // y = ((x - hi) - lo) * scale + shift
+};
+
+template <typename T>
+struct GradAffine {
+    T mean_hi, mean_lo, k_dy, k_x, k_one;  // dx = dy * k_dy + ((x - hi) - lo) * k_x + k_one
+};
+
+struct Moments {
+    double count, mean, m2;
+};
+
+struct Sums {
+    double dy, dy_xmu;
+};
+
+__device__ __forceinline__ Moments combine(Moments a, Moments b) {
+    double count = a.count + b.count;
+    if (count == 0.0) return a;
+    double delta = b.mean - a.mean;
+    double share = b.count / count;
+    return Moments{count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.count * share};
+}
+
+__device__ __forceinline__ Sums combine(Sums a, Sums b) { return Sums{a.dy + b.dy, a.dy_xmu + b.dy_xmu}; }
+
+__device__ __forceinline__ Moments shuffle_down(Moments m, int offset) {
+    return Moments{__shfl_down_sync(0xffffffffu, m.count, offset), __shfl_down_sync(0xffffffffu, m.mean, offset),
+                   __shfl_down_sync(0xffffffffu, m.m2, offset)};
+}
+
+__device__ __forceinline__ Sums shuffle_down(Sums s, int offset) {
+    return Sums{__shfl_down_sync(0xffffffffu, s.dy, offset), __shfl_down_sync(0xffffffffu, s.dy_xmu, offset)};
+}
+
+// The whole block's combination of `value`, valid in thread 0.
+template <typename S>
+__device__ S block_combine(S value) {
+    __shared__ S per_warp[THREADS / 32];
+    __syncthreads();  // a previous call may still be reading per_warp
+    for (int offset = 16; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) per_warp[warp] = value;
+    __syncthreads();
+    if (warp == 0) {
+        value = lane < THREADS / 32 ? per_warp[lane] : S{};
+        for (int offset = 16; offset > 0; offset /= 2) value = combine(value, shuffle_down(value, offset));
+    }
+    return value;
+}
+
+// Publishes this block's partial for channel c and reports whether it was the channel's last:
+// that block alone goes on to combine all partials (no second launch, no host round trip).
+template <typename S>
+__device__ bool publish_partial(S partial, S* partials, unsigned* arrivals, unsigned c, unsigned split, u64 splits) {
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        partials[c * splits + split] = partial;
+        __threadfence();
+        last = atomicAdd(&arrivals[c], 1u) == splits - 1;
+    }
+    __syncthreads();
+    return last;
+}
+
+// Other blocks' partials, read from L2 (.cg), where they are, never from a stale L1 line.
+__device__ __forceinline__ Moments load_from_l2(const Moments* p) {
+    return Moments{__ldcg(&p->count), __ldcg(&p->mean), __ldcg(&p->m2)};
+}
+
+__device__ __forceinline__ Sums load_from_l2(const Sums* p) { return Sums{__ldcg(&p->dy), __ldcg(&p->dy_xmu)}; }
+
+// Channel c's partials, combined by the last block to arrive; resets the arrival count.
+template <typename S>
+__device__ S gather_partials(S* partials, unsigned* arrivals, unsigned c, u64 splits) {
+    __threadfence();
+    S total{};
+    for (u64 i = threadIdx.x; i < splits; i += THREADS) {
+        total = combine(total, load_from_l2(&partials[c * splits + i]));
+    }
+    total = block_combine(total);
+    if (threadIdx.x == 0) arrivals[c] = 0;
+    return total;
+}
+
+// Channel c's packs, addressed 0 .. N * HW / W in (image, offset) order.
+template <typename T, int W, typename Index>
+struct ChannelWalk {
+    const T* base;  // first value of channel c in image 0
+    Index plane_packs;
+    u64 image_stride;  // C * HW values
+    __device__ __forceinline__ Pack<T, W> load(Index k) const {
+        Index image = k / plane_packs;
+        Index at = k - image * plane_packs;
+        return reinterpret_cast<const Pack<T, W>*>(base + image * image_stride)[at];
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ T weight_or_one(const void* weight, unsigned c) {
+    return weight ? static_cast<const T*>(weight)[c] : T(1);
+}
+
+// Pass 1 of the training forward: block (c, split) reduces its share of channel c to moments;
+// the channel's last block combines the partials, writes the mean and 1/std the backward needs,
+// the coefficients of pass 2, and blends the running statistics.
+template <typename T, int W, typename Index>
+__device__ void statistics(const ForwardArgs& a) {
+    const unsigned c = blockIdx.x, split = blockIdx.y;
+    const Index count = static_cast<Index>(a.images * (a.plane / W));
+    const Index per_split = static_cast<Index>((count + a.splits - 1) / a.splits);
+    const Index begin = split * per_split;
+    const Index end = min(count, begin + per_split);
+    const ChannelWalk<T, W, Index> walk{static_cast<const T*>(a.x) + c * a.plane, static_cast<Index>(a.plane / W),
+                                        a.channels * a.plane};
+    const double shift = static_cast<double>(walk.base[0]);
+    double n = 0.0, s1 = 0.0, s2 = 0.0;
+    for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
+        Pack<T, W> packs[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+            if (first + u * THREADS < end) packs[u] = walk.load(first + u * THREADS);
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            if (first + u * THREADS < end) {
+#pragma unroll
+                for (int e = 0; e < W; e++) {
+                    const double d = static_cast<double>(packs[u].v[e]) - shift;
+                    s1 += d;
+                    s2 = fma(d, d, s2);
+                }
+                n += W;
+            }
+        }
+    }
+    Moments own = n > 0.0 ? Moments{n, shift + s1 / n, fmax(s2 - s1 * (s1 / n), 0.0)} : Moments{};
+    own = block_combine(own);
+    Moments* partials = static_cast<Moments*>(a.partials);
+    if (!publish_partial(own, partials, a.arrivals, c, split, a.splits)) return;
+    const Moments m = gather_partials(partials, a.arrivals, c, a.splits);
+    if (threadIdx.x != 0) return;
+
+    const double mean = m.mean, var = m.m2 / m.count;
+    const double invstd = 1.0 / sqrt(var + a.eps);
+    a.saved_mean[c] = mean;
+    a.saved_invstd[c] = invstd;
+    const T hi = static_cast<T>(mean);
+    const double scale = invstd * static_cast<double>(weight_or_one<T>(a.weight, c));
+    const T shift_out = a.bias ? static_cast<const T*>(a.bias)[c] : T(0);
+    static_cast<Affine<T>*>(a.coefficients)[c] =
+        Affine<T>{hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(scale), shift_out};
+    if (a.running_mean) {
+        T* running_mean = static_cast<T*>(a.running_mean);
+        T* running_var = static_cast<T*>(a.running_var);
+        const double unbiased = m.m2 / (m.count - 1.0);
+        running_mean[c] = static_cast<T>((1.0 - a.factor) * static_cast<double>(running_mean[c]) + a.factor * mean);
+        running_var[c] = static_cast<T>((1.0 - a.factor) * static_cast<double>(running_var[c]) + a.factor * unbiased);
+    }
+}
+
+// The coefficients of an eval forward, from the running statistics, one thread per channel;
+// also kept as the statistics the backward differentiates with (as constants).
+template <typename T>
+__device__ void eval_coefficients(const ForwardArgs& a) {
+    const u64 c = blockIdx.x * (u64)THREADS + threadIdx.x;
+    if (c >= a.channels) return;
+    const double mean = static_cast<double>(static_cast<const T*>(a.running_mean)[c]);
+    const double invstd = 1.0 / sqrt(static_cast<double>(static_cast<const T*>(a.running_var)[c]) + a.eps);
+    a.saved_mean[c] = mean;
+    a.saved_invstd[c] = invstd;
+    const T hi = static_cast<T>(mean);
+    const double scale = invstd * static_cast<double>(weight_or_one<T>(a.weight, c));
+    const T shift_out = a.bias ? static_cast<const T*>(a.bias)[c] : T(0);
+    static_cast<Affine<T>*>(a.coefficients)[c] =
+        Affine<T>{hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(scale), shift_out};
+}
+
+// Loads that are the value's last use: evict-first, so they leave L2 to data still to be read.
+template <typename P>
+__device__ __forceinline__ P load_last_use(const P* p) {
+    P out;
+    if constexpr (sizeof(P) == 16) {
+        float4 raw = __ldcs(reinterpret_cast<const float4*>(p));
+        out = *reinterpret_cast<P*>(&raw);
+    } else if constexpr (sizeof(P) == 8) {
+        double raw = __ldcs(reinterpret_cast<const double*>(p));
+        out = *reinterpret_cast<P*>(&raw);
+    } else {
+        float raw = __ldcs(reinterpret_cast<const float*>(p));
+        out = *reinterpret_cast<P*>(&raw);
+    }
+    return out;
+}
+
+template <typename P>
+__device__ __forceinline__ void store_streaming(P* p, P value) {
+    if constexpr (sizeof(P) == 16) {
+        __stcs(reinterpret_cast<float4*>(p), *reinterpret_cast<float4*>(&value));
+    } else if constexpr (sizeof(P) == 8) {
+        __stcs(reinterpret_cast<double*>(p), *reinterpret_cast<double*>(&value));
+    } else {
+        __stcs(reinterpret_cast<float*>(p), *reinterpret_cast<float*>(&value));
+    }
+}
+
+// Pass 2 of the forward (and all of eval): y = ((x - hi) - lo) * scale + shift over the flat
+// tensor, THREADS * UNROLL packs per block. Tiles go in reverse order: pass 1 read the tensor
+// front to back, so the end of it is what L2 still holds.
+template <typename T, int W, typename Index>
+__device__ void normalize(const ForwardArgs& a) {
+    typedef Pack<T, W> P;
+    const Index plane_packs = static_cast<Index>(a.plane / W);
+    const Index total = static_cast<Index>(a.images * a.channels) * plane_packs;
+    const Index tile = gridDim.x - 1 - blockIdx.x;
+    const Index first = tile * (THREADS * UNROLL) + threadIdx.x;
+    const P* x = static_cast<const P*>(a.x);
+    P* y = static_cast<P*>(a.y);
+    const Affine<T>* coefficients = static_cast<const Affine<T>*>(a.coefficients);
+    P packs[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++)
+        if (first + u * THREADS < total) packs[u] = load_last_use(x + first + u * THREADS);
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+        const Index i = first + u * THREADS;
+        if (i < total) {
+            const Affine<T> k = coefficients[(i / plane_packs) % static_cast<Index>(a.channels)];
+            P out;
+#pragma unroll
+            for (int e = 0; e < W; e++) out.v[e] = ((packs[u].v[e] - k.mean_hi) - k.mean_lo) * k.scale + k.shift;
+            store_streaming(y + i, out);
+        }
+    }
+}
+
+// Pass 1 of the backward: Σ dy and Σ dy·(x − mean) per channel, both reductions in one read of
+// x and dy; the last block per channel writes grad_weight, grad_bias and pass 2's coefficients.
+template <typename T, int W, typename Index>
+__device__ void gradient_sums(const BackwardArgs& a) {
+    const unsigned c = blockIdx.x, split = blockIdx.y;
+    const Index count = static_cast<Index>(a.images * (a.plane / W));
+    const Index per_split = static_cast<Index>((count + a.splits - 1) / a.splits);
+    const Index begin = split * per_split;
+    const Index end = min(count, begin + per_split);
+    const Index plane_packs = static_cast<Index>(a.plane / W);
+    const ChannelWalk<T, W, Index> xs{static_cast<const T*>(a.x) + c * a.plane, plane_packs, a.channels * a.plane};
+    const ChannelWalk<T, W, Index> dys{static_cast<const T*>(a.dy) + c * a.plane, plane_packs, a.channels * a.plane};
+    const double mean = a.saved_mean[c];
+    Sums own{0.0, 0.0};
+    for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
+        Pack<T, W> x_packs[UNROLL], dy_packs[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            if (first + u * THREADS < end) {
+                x_packs[u] = xs.load(first + u * THREADS);
+                dy_packs[u] = dys.load(first + u * THREADS);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            if (first + u * THREADS < end) {
+#pragma unroll
+                for (int e = 0; e < W; e++) {
+                    const double dy = static_cast<double>(dy_packs[u].v[e]);
+                    own.dy += dy;
+                    own.dy_xmu = fma(dy, static_cast<double>(x_packs[u].v[e]) - mean, own.dy_xmu);
+                }
+            }
+        }
+    }
+    own = block_combine(own);
+    Sums* partials = static_cast<Sums*>(a.partials);
+    if (!publish_partial(own, partials, a.arrivals, c, split, a.splits)) return;
+    const Sums s = gather_partials(partials, a.arrivals, c, a.splits);
+    if (threadIdx.x != 0) return;
+
+    const double invstd = a.saved_invstd[c];
+    // As the CPU: each gradient rounds to T, then adds to what is there in double.
+    const T grad_weight = static_cast<T>(s.dy_xmu * invstd);
+    const T grad_bias = static_cast<T>(s.dy);
+    if (a.grad_weight) {
+        T* g = static_cast<T*>(a.grad_weight);
+        g[c] = a.accumulate ? static_cast<T>(static_cast<double>(g[c]) + static_cast<double>(grad_weight)) : grad_weight;
+    }
+    if (a.grad_bias) {
+        T* g = static_cast<T*>(a.grad_bias);
+        g[c] = a.accumulate ? static_cast<T>(static_cast<double>(g[c]) + static_cast<double>(grad_bias)) : grad_bias;
+    }
+    const double k_dy = invstd * static_cast<double>(weight_or_one<T>(a.weight, c));
+    double k_x = 0.0, k_one = 0.0;
+    if (a.from_batch) {
+        const double values = static_cast<double>(a.images * a.plane);
+        k_x = -k_dy * invstd * invstd * s.dy_xmu / values;
+        k_one = -k_dy * s.dy / values;
+    }
+    const double mean_c = a.saved_mean[c];
+    const T hi = static_cast<T>(mean_c);
+    static_cast<GradAffine<T>*>(a.coefficients)[c] = GradAffine<T>{
+        hi, static_cast<T>(mean_c - static_cast<double>(hi)), static_cast<T>(k_dy), static_cast<T>(k_x),
+        static_cast<T>(k_one)};
+}
+
+// Pass 2 of the backward: dx = dy * k_dy + ((x - hi) - lo) * k_x + k_one, flat, as normalize.
+template <typename T, int W, typename Index>
+__device__ void input_gradient(const BackwardArgs& a) {
+    typedef Pack<T, W> P;
+    const Index plane_packs = static_cast<Index>(a.plane / W);
+    const Index total = static_cast<Index>(a.images * a.channels) * plane_packs;
+    const Index tile = gridDim.x - 1 - blockIdx.x;
+    const Index first = tile * (THREADS * UNROLL) + threadIdx.x;
+    const P* x = static_cast<const P*>(a.x);
+    const P* dy = static_cast<const P*>(a.dy);
+    P* dx = static_cast<P*>(a.dx);
+    const GradAffine<T>* coefficients = static_cast<const GradAffine<T>*>(a.coefficients);
+    P x_packs[UNROLL], dy_packs[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+        if (first + u * THREADS < total) {
+            x_packs[u] = load_last_use(x + first + u * THREADS);
+            dy_packs[u] = load_last_use(dy + first + u * THREADS);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+        const Index i = first + u * THREADS;
+        if (i < total) {
+            const GradAffine<T> k = coefficients[(i / plane_packs) % static_cast<Index>(a.channels)];
+            P out;
+#pragma unroll
+            for (int e = 0; e < W; e++)
+                out.v[e] = dy_packs[u].v[e] * k.k_dy + ((x_packs[u].v[e] - k.mean_hi) - k.mean_lo) * k.k_x + k.k_one;
+            store_streaming(dx + i, out);
+        }
+    }
+}
+
+// 32-bit index arithmetic (a third of the instructions of 64-bit division) whenever the tensor allows.
+#define INDEXED(body, wide_count, T, W) \
+    if ((wide_count) <= 0xffffffffull) body<T, W, unsigned>(a); else body<T, W, u64>(a);
+
+#define ENTRY_POINTS(T, W, SUFFIX)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS) statistics_##SUFFIX(ForwardArgs a) {         \
+        INDEXED(statistics, a.images * (a.plane / W) + THREADS * UNROLL, T, W)                                             \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) normalize_##SUFFIX(ForwardArgs a) {          \
+        INDEXED(normalize, a.images * a.channels * (a.plane / W) + THREADS * UNROLL, T, W)              \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) gradient_sums_##SUFFIX(BackwardArgs a) {     \
+        INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * UNROLL, T, W)                                          \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) input_gradient_##SUFFIX(BackwardArgs a) {    \
+        INDEXED(input_gradient, a.images * a.channels * (a.plane / W) + THREADS * UNROLL, T, W)         \
+    }
+
+ENTRY_POINTS(float, 4, f32x4)
+ENTRY_POINTS(float, 1, f32x1)
+ENTRY_POINTS(double, 2, f64x2)
+ENTRY_POINTS(double, 1, f64x1)
+
+extern "C" __global__ void __launch_bounds__(THREADS) eval_coefficients_f32(ForwardArgs a) { eval_coefficients<float>(a); }
+extern "C" __global__ void __launch_bounds__(THREADS) eval_coefficients_f64(ForwardArgs a) { eval_coefficients<double>(a); }

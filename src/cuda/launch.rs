@@ -1,0 +1,208 @@
+//! Kernel arguments and launch geometry, shared by the forward and backward launchers.
+
+use std::sync::Arc;
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::device::{driver_error, Device};
+use super::memory::{DeviceBuffer, Stream};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+
+/// `THREADS` and `UNROLL` of kernels.cu.
+const THREADS: u32 = 256;
+const UNROLL: u64 = 4;
+/// Blocks per multiprocessor the reduction passes aim for: enough to hide memory latency.
+const BLOCKS_PER_MULTIPROCESSOR: u64 = 8;
+/// A reduction block gets at least this many packs, so each thread loops at least twice.
+const MIN_PACKS_PER_BLOCK: u64 = 2 * THREADS as u64 * UNROLL;
+/// The size of the larger per-block partial of kernels.cu (`Moments`: three doubles).
+const PARTIAL_BYTES: usize = 24;
+/// The size of the larger per-channel coefficient record (`GradAffine<double>`: five doubles).
+const COEFFICIENT_BYTES: usize = 40;
+
+/// `ForwardArgs` of kernels.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ForwardArgs {
+    pub x: u64,
+    pub y: u64,
+    pub images: u64,
+    pub channels: u64,
+    pub plane: u64,
+    pub splits: u64,
+    pub partials: u64,
+    pub arrivals: u64,
+    pub coefficients: u64,
+    pub saved_mean: u64,
+    pub saved_invstd: u64,
+    pub running_mean: u64,
+    pub running_var: u64,
+    pub weight: u64,
+    pub bias: u64,
+    pub factor: f64,
+    pub eps: f64,
+}
+
+/// `BackwardArgs` of kernels.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BackwardArgs {
+    pub x: u64,
+    pub dy: u64,
+    pub dx: u64,
+    pub images: u64,
+    pub channels: u64,
+    pub plane: u64,
+    pub splits: u64,
+    pub partials: u64,
+    pub arrivals: u64,
+    pub coefficients: u64,
+    pub saved_mean: u64,
+    pub saved_invstd: u64,
+    pub weight: u64,
+    pub grad_weight: u64,
+    pub grad_bias: u64,
+    pub from_batch: u64,
+    pub accumulate: u64,
+}
+
+// SAFETY: plain #[repr(C)] structs of 8-byte fields, laid out as their kernels.cu twins.
+unsafe impl DeviceRepr for ForwardArgs {}
+unsafe impl DeviceRepr for BackwardArgs {}
+
+/// Scratch memory for one layer's launches: per-block partials, per-channel arrival counters
+/// (zero between calls), coefficients, and the statistics saved for the backward.
+pub(crate) struct Workspace {
+    partials: DeviceBuffer<u8>,
+    arrivals: DeviceBuffer<u32>,
+    coefficients: DeviceBuffer<u8>,
+    pub saved_mean: DeviceBuffer<f64>,
+    pub saved_invstd: DeviceBuffer<f64>,
+    max_splits_total: u64,
+}
+
+impl Workspace {
+    pub(crate) fn new(device: &Arc<Device>, channels: usize) -> Result<Workspace> {
+        // splits ≤ ⌈target / C⌉, so C · splits ≤ target + C.
+        let max_splits_total = reduction_target(device) + channels as u64;
+        Ok(Workspace {
+            partials: DeviceBuffer::zeroed(device, max_splits_total as usize * PARTIAL_BYTES)?,
+            arrivals: DeviceBuffer::zeroed(device, channels)?,
+            coefficients: DeviceBuffer::zeroed(device, channels * COEFFICIENT_BYTES)?,
+            saved_mean: DeviceBuffer::zeroed(device, channels)?,
+            saved_invstd: DeviceBuffer::zeroed(device, channels)?,
+            max_splits_total,
+        })
+    }
+}
+
+fn reduction_target(device: &Device) -> u64 {
+    BLOCKS_PER_MULTIPROCESSOR * u64::from(device.multiprocessors())
+}
+
+/// How a launch walks a tensor: its dims and the load width.
+pub(crate) struct Geometry {
+    pub images: u64,
+    pub channels: u64,
+    pub plane: u64,
+    /// Values per load: 16 bytes' worth when every plane and pointer allows it, else 1.
+    pub width: u64,
+}
+
+impl Geometry {
+    pub(crate) fn new<T: Element>(shape: Shape, pointers: &[u64]) -> Result<Geometry> {
+        if shape.c > u32::MAX as usize {
+            return Err(Error::Unsupported(format!(
+                "the CUDA kernels take at most {} channels, got {}",
+                u32::MAX,
+                shape.c
+            )));
+        }
+        let wide = (16 / std::mem::size_of::<T>()) as u64;
+        let plane = (shape.h * shape.w) as u64;
+        let aligned = pointers.iter().all(|p| p % 16 == 0);
+        let width = if plane % wide == 0 && aligned { wide } else { 1 };
+        Ok(Geometry { images: shape.n as u64, channels: shape.c as u64, plane, width })
+    }
+
+    /// `<kernel>_f32x4` and the like.
+    pub(crate) fn kernel<T: Element>(&self, kernel: &str) -> String {
+        format!("{kernel}_{}x{}", dtype_suffix::<T>(), self.width)
+    }
+
+    /// Blocks per channel for a reduction pass: enough blocks in all to fill the GPU, never
+    /// fewer than `MIN_PACKS_PER_BLOCK` packs each.
+    pub(crate) fn splits(&self, device: &Device, workspace: &Workspace) -> u64 {
+        let packs = self.images * (self.plane / self.width);
+        let wanted = reduction_target(device).div_ceil(self.channels);
+        let affordable = (packs / MIN_PACKS_PER_BLOCK).max(1);
+        wanted.min(affordable).min(u64::from(u16::MAX)).min(workspace.max_splits_total / self.channels).max(1)
+    }
+
+    /// Blocks of an elementwise pass over the whole tensor.
+    pub(crate) fn tiles(&self) -> Result<u32> {
+        let packs = self.images * self.channels * (self.plane / self.width);
+        u32::try_from(packs.div_ceil(u64::from(THREADS) * UNROLL).min(i32::MAX as u64 + 1))
+            .ok()
+            .filter(|&tiles| u64::from(tiles) * u64::from(THREADS) * UNROLL >= packs)
+            .ok_or_else(|| Error::Unsupported(format!("a tensor of {packs} packs is too large for one launch")))
+    }
+
+    pub(crate) fn forward_args(&self, workspace: &Workspace) -> ForwardArgs {
+        ForwardArgs {
+            images: self.images,
+            channels: self.channels,
+            plane: self.plane,
+            partials: workspace.partials.ptr(),
+            arrivals: workspace.arrivals.ptr(),
+            coefficients: workspace.coefficients.ptr(),
+            saved_mean: workspace.saved_mean.ptr(),
+            saved_invstd: workspace.saved_invstd.ptr(),
+            ..ForwardArgs::default()
+        }
+    }
+
+    pub(crate) fn backward_args(&self, workspace: &Workspace) -> BackwardArgs {
+        BackwardArgs {
+            images: self.images,
+            channels: self.channels,
+            plane: self.plane,
+            partials: workspace.partials.ptr(),
+            arrivals: workspace.arrivals.ptr(),
+            coefficients: workspace.coefficients.ptr(),
+            saved_mean: workspace.saved_mean.ptr(),
+            saved_invstd: workspace.saved_invstd.ptr(),
+            ..BackwardArgs::default()
+        }
+    }
+}
+
+pub(crate) fn dtype_suffix<T: Element>() -> &'static str {
+    if std::mem::size_of::<T>() == 4 {
+        "f32"
+    } else {
+        "f64"
+    }
+}
+
+/// Queues kernel `name` on `stream` with `THREADS`-thread blocks and its one struct argument.
+///
+/// # Safety
+/// Every pointer in `args` must be valid for what the kernel does with it until the stream's
+/// work finishes.
+pub(crate) unsafe fn launch<A: DeviceRepr>(
+    device: &Device,
+    name: &str,
+    grid: (u32, u32),
+    stream: Stream,
+    args: &A,
+) -> Result<()> {
+    let function = device.function(name)?;
+    let borrowed = device.context().wrap_borrowed_stream(stream.cu());
+    let mut builder = borrowed.launch_builder(function);
+    builder.arg(args);
+    let config = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    builder.launch(config).map(drop).map_err(|e| driver_error(&format!("launching {name}"), e))
+}

@@ -1,0 +1,104 @@
+//! Finding the CUDA driver and NVRTC at run time.
+//!
+//! cudarc opens both with `dlopen` by name and panics when a library is missing, so every path
+//! into it first goes through [`driver`] or [`nvrtc`], which check with `is_culib_present` and
+//! turn a missing library into an [`Error::Cuda`] that says what was looked for and where.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+
+/// Where pip's NVIDIA wheels put NVRTC under a `site-packages` folder, newest first, with the
+/// library's file name: CUDA 13's `nvidia-cuda-nvrtc` and CUDA 12's `nvidia-cuda-nvrtc-cu12`.
+const PIP_NVRTC: [(&str, &str); 2] =
+    [("nvidia/cu13/lib", "libnvrtc.so.13"), ("nvidia/cuda_nvrtc/lib", "libnvrtc.so.12")];
+
+/// Toolkit folders NVRTC is also looked for in, after the dynamic loader's own search.
+const TOOLKIT_ENV: [&str; 2] = ["CUDA_HOME", "CUDA_PATH"];
+const TOOLKIT_DEFAULT: &str = "/usr/local/cuda";
+
+static SEARCH_ROOTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Adds folders (such as Python's `site-packages`) under which pip's NVRTC wheels may be installed.
+/// The bindings pass `sys.path` here before the first CUDA call.
+pub fn add_search_roots(roots: impl IntoIterator<Item = PathBuf>) {
+    let mut known = SEARCH_ROOTS.lock().unwrap_or_else(|p| p.into_inner());
+    for root in roots {
+        if !known.contains(&root) {
+            known.push(root);
+        }
+    }
+}
+
+/// Ok when the CUDA driver library can be loaded; else the error every CUDA entry point reports.
+pub fn driver() -> Result<()> {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the driver by its usual names and closes it again.
+    if *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
+        return Ok(());
+    }
+    Err(Error::Cuda(
+        "no CUDA driver was found: libcuda.so.1 (the NVIDIA driver's library) could not be loaded from the \
+         dynamic loader's path (LD_LIBRARY_PATH, /etc/ld.so.cache); this machine has no NVIDIA driver, so use \
+         device='cpu'"
+            .into(),
+    ))
+}
+
+/// Ok when NVRTC can be loaded: by the dynamic loader's search, else preloaded from a pip wheel's
+/// folder or a toolkit folder so that cudarc's later `dlopen` by name finds it already loaded.
+pub fn nvrtc() -> Result<()> {
+    static LOADED: Mutex<bool> = Mutex::new(false);
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: only tries to dlopen NVRTC by its usual names and closes it again.
+    if *loaded || unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        *loaded = true;
+        return Ok(());
+    }
+    let candidates = nvrtc_candidates();
+    for candidate in &candidates {
+        if candidate.is_file() && preload(candidate) {
+            *loaded = true;
+            return Ok(());
+        }
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::Cuda(format!(
+        "NVRTC (the CUDA run-time compiler, libnvrtc.so) was not found: not on the dynamic loader's path \
+         (LD_LIBRARY_PATH, /etc/ld.so.cache), nor at {}; install it with `pip install nvidia-cuda-nvrtc` \
+         (or nvidia-cuda-nvrtc-cu12 for CUDA 12 drivers)",
+        looked.join(", ")
+    )))
+}
+
+fn nvrtc_candidates() -> Vec<PathBuf> {
+    let roots = SEARCH_ROOTS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut candidates: Vec<PathBuf> = roots
+        .iter()
+        .flat_map(|root| PIP_NVRTC.iter().map(move |(folder, file)| root.join(folder).join(file)))
+        .collect();
+    let toolkits = TOOLKIT_ENV.iter().filter_map(std::env::var_os).map(PathBuf::from);
+    for toolkit in toolkits.chain([PathBuf::from(TOOLKIT_DEFAULT)]) {
+        for (_, file) in PIP_NVRTC {
+            candidates.push(toolkit.join("lib64").join(file));
+        }
+    }
+    candidates
+}
+
+/// Loads `path` for the rest of the process with its symbols global, so that a later
+/// `dlopen("libnvrtc.so.13")` by name matches it by its SONAME.
+fn preload(path: &Path) -> bool {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    // SAFETY: NVRTC's initializers only set up the library itself.
+    match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) } {
+        Ok(library) => {
+            // Kept loaded for the process's lifetime: cudarc holds pointers into it.
+            std::mem::forget(library);
+            // SAFETY: as above.
+            unsafe { cudarc::nvrtc::sys::is_culib_present() }
+        }
+        Err(_) => false,
+    }
+}

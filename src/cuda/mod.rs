@@ -1,0 +1,28 @@
+//! The CUDA backend (feature `cuda`): the same layer on an NVIDIA GPU.
+//!
+//! Where things are:
+//! - the layer, [`CudaBatchNorm2d`] (`layer.rs`): state on the device, semantics of
+//!   [`crate::BatchNorm2d`], work ordered across streams with events;
+//! - **the CUDA training forward is [`forward::train`]** (`forward.rs`), eval beside it; the
+//!   backward is `backward.rs`; both launch the kernels of `kernels.cu`, which sit next to the
+//!   CPU versions they must match (`src/cpu/forward.rs`, `src/cpu/backward.rs`);
+//! - kernel arguments, workspace and launch geometry: `launch.rs`;
+//! - devices, and the kernels compiled by NVRTC for each, once per process: `device.rs`;
+//! - device memory, borrowed tensors, streams and events: `memory.rs`;
+//! - finding the driver and NVRTC (pip's `nvidia-cuda-nvrtc` included): `library.rs`.
+//!
+//! Nothing here links against CUDA: the driver and NVRTC are opened at run time, so a build with
+//! this feature runs on a machine without a GPU, where [`device`] returns an error saying so.
+
+mod backward;
+mod device;
+pub mod forward;
+mod launch;
+mod layer;
+pub mod library;
+mod memory;
+
+pub use device::{compile, device, device_count, Device};
+pub use layer::CudaBatchNorm2d;
+pub(crate) use memory::Event;
+pub use memory::{copy_to_host, device_of_pointer, DeviceBuffer, DeviceTensor, Stream};

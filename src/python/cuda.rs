@@ -1,0 +1,789 @@
+//! GPU arrays for the bindings: streams, importing arrays through DLPack or
+//! `__cuda_array_interface__`, and `DeviceArray`, the array type GPU results come back as, which
+//! exports both protocols so CuPy, PyTorch and JAX take it without a copy.
+
+use std::ffi::{c_void, CStr};
+use std::sync::Arc;
+
+use numpy::{dtype, PyArrayDescr, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyBufferError, PyTypeError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::{lock, output, type_name, typed_array, Dtype, Float, Layer, PyBatchNorm2d, Saved};
+use crate::cuda::{self, CudaBatchNorm2d, Device, DeviceBuffer, DeviceTensor, Event, Stream};
+use crate::error::{shape_str, Error, Result};
+use crate::Buffer;
+use crate::Element;
+
+/// DLPack's device type of CUDA memory.
+const KDL_CUDA: i32 = 2;
+/// DLPack's type codes.
+const KDL_FLOAT: u8 = 2;
+const KDL_BFLOAT: u8 = 4;
+const DLTENSOR: &CStr = c"dltensor";
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+/// DLPack's (unversioned) `DLManagedTensor`, what a capsule named "dltensor" holds.
+#[repr(C)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+/// The stream a call runs on: `None` is the legacy default stream; otherwise a raw handle
+/// (an int) or an object with `.cuda_stream` (PyTorch) or `.ptr` (CuPy).
+pub(crate) fn parse_stream(value: Option<&Bound<'_, PyAny>>) -> PyResult<Stream> {
+    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(Stream::DEFAULT) };
+    let handle = if let Ok(handle) = value.extract::<u64>() {
+        handle
+    } else if let Ok(attribute) = value.getattr("cuda_stream").or_else(|_| value.getattr("ptr")) {
+        attribute.extract::<u64>()?
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "stream must be None, a stream handle (int) or an object with .cuda_stream or .ptr, got {}",
+            type_name(value)
+        )));
+    };
+    // SAFETY: the caller vouches for its stream, as with every CUDA library taking raw handles.
+    Ok(unsafe { Stream::from_raw(handle) })
+}
+
+/// The stream handle to hand to a DLPack producer or a CAI consumer: CUDA's legacy default
+/// stream is 1 there (0 is disallowed as ambiguous).
+fn protocol_stream(stream: Stream) -> u64 {
+    match stream.raw() {
+        0 => 1,
+        raw => raw,
+    }
+}
+
+fn same_stream(a: Stream, b: Stream) -> bool {
+    protocol_stream(a) == protocol_stream(b)
+}
+
+/// Whether `value` is an array in CUDA device memory (by either protocol).
+pub(crate) fn is_gpu_array(value: &Bound<'_, PyAny>) -> bool {
+    if value.hasattr("__cuda_array_interface__").unwrap_or(false) {
+        return true;
+    }
+    value
+        .call_method0("__dlpack_device__")
+        .and_then(|d| d.extract::<(i32, i32)>())
+        .is_ok_and(|(device_type, _)| device_type == KDL_CUDA)
+}
+
+/// A GPU array read in place: where it is and what it holds. `owner` keeps the memory alive:
+/// the array object itself, or the DLPack capsule (whose destructor releases the producer's
+/// reference, as DLPack prescribes for a capsule that was not renamed).
+pub(crate) struct GpuArray {
+    pub ptr: u64,
+    pub shape: Vec<usize>,
+    pub dtype: std::result::Result<Dtype, String>,
+    pub device: usize,
+    pub readonly: bool,
+    pub owner: Py<PyAny>,
+}
+
+impl GpuArray {
+    pub(crate) fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Checks that the array can feed a module of `dtype` on `device`.
+    pub(crate) fn check(&self, what: &str, dtype: Dtype, device: usize) -> Result<()> {
+        match &self.dtype {
+            Ok(d) if *d == dtype => {}
+            Ok(d) => {
+                return Err(Error::DType { what: what.into(), expected: dtype.name().into(), got: d.name().into() })
+            }
+            Err(name) => {
+                return Err(Error::DType { what: what.into(), expected: dtype.name().into(), got: name.clone() })
+            }
+        }
+        if self.device != device && self.numel() > 0 {
+            return Err(Error::InvalidArgument(format!(
+                "expected {what} on the module's device cuda:{device}, got an array on cuda:{}",
+                self.device
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the two arrays' byte ranges intersect.
+    pub(crate) fn overlaps(&self, other: &GpuArray, item: usize) -> bool {
+        let (a0, b0) = (self.ptr, other.ptr);
+        let (a1, b1) = (a0 + (self.numel() * item) as u64, b0 + (other.numel() * item) as u64);
+        self.numel() > 0 && other.numel() > 0 && a0 < b1 && b0 < a1
+    }
+}
+
+/// Strides (in elements) that only a C-contiguous array has, ignoring dims of size 1.
+fn is_c_contiguous(shape: &[usize], strides: &[i64]) -> bool {
+    let mut expected = 1i64;
+    for (&dim, &stride) in shape.iter().zip(strides).rev() {
+        if dim != 1 && stride != expected {
+            return false;
+        }
+        expected *= dim as i64;
+    }
+    true
+}
+
+fn layout_error(what: &str, shape: &[usize]) -> Error {
+    Error::BadOutput(format!(
+        "expected {what} to be C-contiguous on the GPU, got a strided array of shape {}; make it contiguous \
+         first (e.g. .contiguous() or cupy.ascontiguousarray)",
+        shape_str(shape)
+    ))
+}
+
+/// Reads a GPU array through DLPack or the CUDA array interface, ordering `stream` after the
+/// producer's pending work on it.
+pub(crate) fn import(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
+    let dlpack_device = value.call_method0("__dlpack_device__").and_then(|d| d.extract::<(i32, i32)>()).ok();
+    match dlpack_device {
+        Some((KDL_CUDA, _)) => import_dlpack(value, what, stream),
+        _ if value.hasattr("__cuda_array_interface__")? => import_interface(value, what, stream),
+        Some((device_type, _)) => Err(Error::InvalidArgument(format!(
+            "expected {what} in CUDA memory (DLPack device type {KDL_CUDA}), got DLPack device type {device_type}"
+        ))
+        .into()),
+        None => Err(Error::NotAnArray { what: what.into(), got: type_name(value) }.into()),
+    }
+}
+
+fn dtype_of(code: u8, bits: u8, lanes: u16) -> std::result::Result<Dtype, String> {
+    match (code, bits, lanes) {
+        (KDL_FLOAT, 32, 1) => Ok(Dtype::F32),
+        (KDL_FLOAT, 64, 1) => Ok(Dtype::F64),
+        (KDL_FLOAT, bits, 1) => Err(format!("float{bits}")),
+        (KDL_BFLOAT, bits, 1) => Err(format!("bfloat{bits}")),
+        (0, bits, 1) => Err(format!("int{bits}")),
+        (1, bits, 1) => Err(format!("uint{bits}")),
+        (code, bits, lanes) => Err(format!("DLPack type (code {code}, {bits} bits, {lanes} lanes)")),
+    }
+}
+
+fn import_dlpack(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
+    let py = value.py();
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("stream", protocol_stream(stream))?;
+    let capsule = value.call_method("__dlpack__", (), Some(&kwargs))?;
+    // SAFETY: a capsule named "dltensor" holds a DLManagedTensor (DLPack's contract), alive until
+    // the capsule's destructor runs, which `owner` below postpones.
+    let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR.as_ptr()) } as *const DLManagedTensor;
+    if managed.is_null() {
+        return Err(PyErr::take(py).unwrap_or_else(|| {
+            PyTypeError::new_err(format!("{what}.__dlpack__() did not return a capsule named 'dltensor'"))
+        }));
+    }
+    // SAFETY: as above.
+    let tensor = unsafe { &(*managed).dl_tensor };
+    let ndim = usize::try_from(tensor.ndim).unwrap_or(0);
+    // SAFETY: DLPack guarantees `ndim` dims (and strides, when not null).
+    let dims = if ndim == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(tensor.shape, ndim) } };
+    let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
+    if !tensor.strides.is_null() && ndim > 0 {
+        // SAFETY: as above.
+        let strides = unsafe { std::slice::from_raw_parts(tensor.strides, ndim) };
+        if !is_c_contiguous(&shape, strides) {
+            return Err(layout_error(what, &shape).into());
+        }
+    }
+    Ok(GpuArray {
+        ptr: tensor.data as u64 + tensor.byte_offset,
+        dtype: dtype_of(tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes),
+        device: tensor.device.device_id.max(0) as usize,
+        readonly: false,
+        shape,
+        owner: capsule.unbind(),
+    })
+}
+
+fn import_interface(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
+    let interface = value.getattr("__cuda_array_interface__")?;
+    let interface = interface
+        .cast::<PyDict>()
+        .map_err(|_| PyTypeError::new_err(format!("{what}.__cuda_array_interface__ is not a dict")))?;
+    let field = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        interface
+            .get_item(key)?
+            .ok_or_else(|| PyTypeError::new_err(format!("{what}.__cuda_array_interface__ has no {key:?}")))
+    };
+    let shape: Vec<usize> = field("shape")?.extract()?;
+    let typestr: String = field("typestr")?.extract()?;
+    let (ptr, readonly): (u64, bool) = field("data")?.extract()?;
+    let strides: Option<Vec<i64>> = interface.get_item("strides")?.map(|s| s.extract()).transpose()?.flatten();
+    let dtype = match typestr.as_str() {
+        "<f4" => Ok(Dtype::F32),
+        "<f8" => Ok(Dtype::F64),
+        other => Err(other.to_string()),
+    };
+    if let (Some(strides), Ok(dtype)) = (&strides, &dtype) {
+        let item = dtype.item_size() as i64;
+        let elements: Vec<i64> = strides.iter().map(|s| if s % item == 0 { s / item } else { i64::MIN }).collect();
+        if !is_c_contiguous(&shape, &elements) {
+            return Err(layout_error(what, &shape).into());
+        }
+    }
+    let numel: usize = shape.iter().product();
+    let device = if numel > 0 { cuda::device_of_pointer(ptr)? } else { 0 };
+    // The producer's stream, when it names one, must finish its work on the array first.
+    if let Some(producer) = interface.get_item("stream")?.filter(|s| !s.is_none()) {
+        let producer = parse_stream(Some(&producer))?;
+        if !same_stream(producer, stream) && numel > 0 {
+            let device = cuda::device(device)?;
+            Event::record(&device, producer)?.order_before(stream)?;
+        }
+    }
+    Ok(GpuArray { ptr, shape, dtype, device, readonly, owner: value.clone().unbind() })
+}
+
+/// DeviceArray: a C-contiguous float32 or float64 array in GPU memory, as batchnorm returns
+/// results on the GPU. It implements DLPack (`__dlpack__`, `__dlpack_device__`) and
+/// `__cuda_array_interface__`, so `cupy.from_dlpack(a)` or `torch.from_dlpack(a)` take it
+/// without a copy; `numpy()` copies it to the host.
+#[pyclass(name = "DeviceArray", module = "batchnorm", frozen)]
+pub struct DeviceArray {
+    ptr: u64,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    device: Arc<Device>,
+    /// The stream whose work writes the array; consumers are ordered after it.
+    stream: Stream,
+    /// What keeps the memory alive: the array's own buffer, or the module it is a parameter of.
+    _storage: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl DeviceArray {
+    /// A fresh array of `shape` for results written on `stream`.
+    pub(crate) fn empty<T: Element>(
+        device: &Arc<Device>,
+        shape: &[usize],
+        dtype: Dtype,
+        stream: Stream,
+    ) -> Result<DeviceArray> {
+        let buffer = DeviceBuffer::<T>::for_output(device, shape.iter().product(), stream)?;
+        Ok(DeviceArray {
+            ptr: buffer.ptr(),
+            shape: shape.to_vec(),
+            dtype,
+            device: device.clone(),
+            stream,
+            _storage: Box::new(buffer),
+        })
+    }
+
+    /// An array over memory `owner` keeps alive (a module's parameter).
+    pub(crate) fn borrowed(
+        owner: Py<PyAny>,
+        ptr: u64,
+        shape: &[usize],
+        dtype: Dtype,
+        device: &Arc<Device>,
+        stream: Stream,
+    ) -> DeviceArray {
+        DeviceArray { ptr, shape: shape.to_vec(), dtype, device: device.clone(), stream, _storage: Box::new(owner) }
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Blocks until the work writing the array has finished.
+    fn wait(&self) -> Result<()> {
+        Event::record(&self.device, self.stream)?.wait()
+    }
+}
+
+/// The block a DLPack capsule of ours points to; `managed` first, so a pointer to it is one to
+/// the whole.
+#[repr(C)]
+struct Export {
+    managed: DLManagedTensor,
+    shape: Vec<i64>,
+    _array: Py<DeviceArray>,
+}
+
+unsafe extern "C" fn delete_export(managed: *mut DLManagedTensor) {
+    // SAFETY: `managed` is the first field of an `Export` boxed in `__dlpack__`; called once.
+    drop(unsafe { Box::from_raw(managed as *mut Export) });
+}
+
+/// A capsule still named "dltensor" was never consumed: its tensor is ours to release.
+unsafe extern "C" fn destroy_capsule(capsule: *mut ffi::PyObject) {
+    // SAFETY: called by Python with the capsule; IsValid sets no error.
+    unsafe {
+        if ffi::PyCapsule_IsValid(capsule, DLTENSOR.as_ptr()) == 1 {
+            let managed = ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr()) as *mut DLManagedTensor;
+            if let Some(deleter) = (*managed).deleter {
+                deleter(managed);
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl DeviceArray {
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.shape)
+    }
+    #[getter]
+    fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyArrayDescr> {
+        self.dtype.descr(py)
+    }
+    /// "cuda:N".
+    #[getter]
+    fn device(&self) -> String {
+        format!("cuda:{}", self.device.ordinal())
+    }
+    #[getter]
+    fn ndim(&self) -> usize {
+        self.shape.len()
+    }
+    #[getter]
+    fn size(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// numpy(): a copy on the host, once the work writing the array has finished.
+    fn numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        py.detach(|| self.wait())?;
+        let count = self.size();
+        // SAFETY: the array holds `count` values of its dtype on its device.
+        let flat = match self.dtype {
+            Dtype::F32 => {
+                numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f32>(&self.device, self.ptr, count)? })
+                    .into_any()
+            }
+            Dtype::F64 => {
+                numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f64>(&self.device, self.ptr, count)? })
+                    .into_any()
+            }
+        };
+        flat.call_method1("reshape", (self.shape.clone(),))
+    }
+
+    /// NumPy's conversion hook: np.asarray(a) copies to the host.
+    #[pyo3(signature = (dtype=None, copy=None))]
+    fn __array__<'py>(
+        &self,
+        py: Python<'py>,
+        dtype: Option<&Bound<'py, PyAny>>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if copy == Some(false) {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "a DeviceArray lives in GPU memory: NumPy can only have a copy of it",
+            ));
+        }
+        let host = self.numpy(py)?;
+        match dtype.filter(|d| !d.is_none()) {
+            Some(dtype) => host.call_method1("astype", (dtype,)),
+            None => Ok(host),
+        }
+    }
+
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        (KDL_CUDA, self.device.ordinal() as i32)
+    }
+
+    /// __dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None): a capsule of this
+    /// array, shared (no copy). The consumer's `stream` is ordered after the work writing it.
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        slf: &Bound<'py, Self>,
+        stream: Option<&Bound<'py, PyAny>>,
+        max_version: Option<&Bound<'py, PyAny>>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = max_version; // an unversioned capsule is what every consumer accepts
+        let this = slf.get();
+        if let Some(target) = dl_device.filter(|&d| d != this.__dlpack_device__()) {
+            return Err(PyBufferError::new_err(format!(
+                "this array is on DLPack device {:?}; it cannot be exported to device {target:?}",
+                this.__dlpack_device__()
+            )));
+        }
+        if copy == Some(true) {
+            return Err(PyBufferError::new_err("__dlpack__(copy=True) is not supported: the export is shared"));
+        }
+        match stream.filter(|s| !s.is_none()).map(|s| s.extract::<i64>()).transpose()? {
+            Some(-1) => {}
+            Some(0) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "stream=0 is ambiguous for CUDA in DLPack; use 1 (legacy default) or 2 (per-thread default)",
+                ))
+            }
+            consumer => {
+                // None: the consumer works on the legacy default stream.
+                // SAFETY: the consumer vouches for its stream.
+                let consumer = unsafe { Stream::from_raw(consumer.unwrap_or(1) as u64) };
+                if !same_stream(consumer, this.stream) {
+                    Event::record(&this.device, this.stream)?.order_before(consumer)?;
+                }
+            }
+        }
+        let shape: Vec<i64> = this.shape.iter().map(|&d| d as i64).collect();
+        let bits = (this.dtype.item_size() * 8) as u8;
+        let mut export = Box::new(Export {
+            managed: DLManagedTensor {
+                dl_tensor: DLTensor {
+                    data: this.ptr as *mut c_void,
+                    device: DLDevice { device_type: KDL_CUDA, device_id: this.device.ordinal() as i32 },
+                    ndim: shape.len() as i32,
+                    dtype: DLDataType { code: KDL_FLOAT, bits, lanes: 1 },
+                    shape: std::ptr::null_mut(),
+                    strides: std::ptr::null_mut(),
+                    byte_offset: 0,
+                },
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(delete_export),
+            },
+            shape,
+            _array: slf.clone().unbind(),
+        });
+        export.managed.dl_tensor.shape = export.shape.as_mut_ptr();
+        let raw = Box::into_raw(export);
+        // SAFETY: `raw` stays valid until the deleter runs, by the consumer or by
+        // `destroy_capsule`; PyCapsule_New copies nothing but the pointers.
+        unsafe {
+            let capsule = ffi::PyCapsule_New(raw.cast(), DLTENSOR.as_ptr(), Some(destroy_capsule));
+            if capsule.is_null() {
+                drop(Box::from_raw(raw));
+                return Err(PyErr::fetch(slf.py()));
+            }
+            Ok(Bound::from_owned_ptr(slf.py(), capsule))
+        }
+    }
+
+    /// The CUDA array interface (version 3), for Numba and older CuPy.
+    #[getter]
+    fn __cuda_array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let interface = PyDict::new(py);
+        interface.set_item("shape", PyTuple::new(py, &self.shape)?)?;
+        interface.set_item("typestr", self.dtype.typestr())?;
+        interface.set_item("data", (self.ptr, false))?;
+        interface.set_item("strides", py.None())?;
+        interface.set_item("version", 3)?;
+        interface.set_item("stream", protocol_stream(self.stream))?;
+        Ok(interface)
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        self.shape.first().copied().ok_or_else(|| PyTypeError::new_err("len() of a 0-d array"))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "DeviceArray(shape={}, dtype={}, device='cuda:{}')",
+            shape_str(&self.shape),
+            self.dtype.name(),
+            self.device.ordinal()
+        )
+    }
+}
+
+/// `values` (a NumPy array of the module's dtype) copied to a fresh device array.
+pub(crate) fn upload<'py, T: super::Float>(
+    py: Python<'py>,
+    device: &Arc<Device>,
+    values: &Bound<'py, PyArrayDyn<T>>,
+    dtype: Dtype,
+) -> PyResult<Bound<'py, DeviceArray>> {
+    let contiguous = py.import("numpy")?.call_method1("ascontiguousarray", (values,))?.cast_into::<PyArrayDyn<T>>()?;
+    let shape = contiguous.shape().to_vec();
+    let host: Vec<T> = contiguous.readonly().as_slice().map_err(|e| Error::BadOutput(e.to_string()))?.to_vec();
+    let buffer = DeviceBuffer::from_host(device, &host)?;
+    let array = DeviceArray {
+        ptr: buffer.ptr(),
+        shape,
+        dtype,
+        device: device.clone(),
+        stream: Stream::DEFAULT,
+        _storage: Box::new(buffer),
+    };
+    Bound::new(py, array)
+}
+
+impl Dtype {
+    fn descr(self, py: Python<'_>) -> Bound<'_, PyArrayDescr> {
+        match self {
+            Dtype::F32 => dtype::<f32>(py),
+            Dtype::F64 => dtype::<f64>(py),
+        }
+    }
+    fn typestr(self) -> &'static str {
+        match self {
+            Dtype::F32 => "<f4",
+            Dtype::F64 => "<f8",
+        }
+    }
+}
+
+/// A module's state on a GPU, of either dtype.
+pub(crate) enum GpuLayer {
+    F32(CudaBatchNorm2d<f32>),
+    F64(CudaBatchNorm2d<f64>),
+}
+
+macro_rules! with_gpu {
+    ($layer:expr, $l:ident => $body:expr) => {
+        match $layer {
+            GpuLayer::F32($l) => $body,
+            GpuLayer::F64($l) => $body,
+        }
+    };
+}
+
+impl GpuLayer {
+    /// `host` copied to GPU `ordinal` (whose kernels are compiled on first use).
+    pub(crate) fn new(host: Layer, ordinal: usize) -> Result<GpuLayer> {
+        let device = cuda::device(ordinal)?;
+        Ok(match host {
+            Layer::F32(l) => GpuLayer::F32(CudaBatchNorm2d::new(l, &device)?),
+            Layer::F64(l) => GpuLayer::F64(CudaBatchNorm2d::new(l, &device)?),
+        })
+    }
+    pub(crate) fn device(&self) -> &Arc<Device> {
+        with_gpu!(self, l => l.device())
+    }
+    pub(crate) fn to_host(&self) -> Result<Layer> {
+        Ok(match self {
+            GpuLayer::F32(l) => Layer::F32(l.to_host()?),
+            GpuLayer::F64(l) => Layer::F64(l.to_host()?),
+        })
+    }
+    pub(crate) fn set_host(&mut self, host: Layer) -> Result<()> {
+        match (self, host) {
+            (GpuLayer::F32(l), Layer::F32(h)) => l.set_host(h),
+            (GpuLayer::F64(l), Layer::F64(h)) => l.set_host(h),
+            _ => Err(Error::InvalidArgument("a module's dtype cannot change".into())),
+        }
+    }
+    pub(crate) fn is_training(&self) -> bool {
+        with_gpu!(self, l => l.is_training())
+    }
+    pub(crate) fn set_training(&mut self, training: bool) {
+        with_gpu!(self, l => l.set_training(training))
+    }
+    pub(crate) fn num_batches_tracked(&self) -> Option<i64> {
+        with_gpu!(self, l => l.num_batches_tracked())
+    }
+
+    /// A DeviceArray over one of the module's (C,) arrays; it keeps the module alive.
+    pub(crate) fn view<'py>(
+        &self,
+        module: &Bound<'py, PyBatchNorm2d>,
+        which: Buffer,
+        dtype: Dtype,
+    ) -> Option<Bound<'py, PyAny>> {
+        let ptr = with_gpu!(self, l => l.buffer_ptr(which))?;
+        let channels = module.get().config.num_features;
+        let owner = module.clone().into_any().unbind();
+        let array = DeviceArray::borrowed(owner, ptr, &[channels], dtype, self.device(), Stream::DEFAULT);
+        Bound::new(module.py(), array).ok().map(Bound::into_any)
+    }
+}
+
+/// The module's GPU layer of element type `T`.
+fn typed_gpu<T: Float>(layer: &mut Option<GpuLayer>) -> Result<&mut CudaBatchNorm2d<T>> {
+    layer.as_mut().and_then(T::gpu_mut).ok_or_else(|| Error::Cuda("the module is not on a GPU".into()))
+}
+
+fn module_device(module: &PyBatchNorm2d, py: Python<'_>) -> Result<Arc<Device>> {
+    let state = lock(py, &module.layer);
+    state.gpu.as_ref().map(|gpu| gpu.device().clone()).ok_or_else(|| Error::Cuda("the module is not on a GPU".into()))
+}
+
+/// `value` itself, or a host copy of it when it is a GPU array (to assign a parameter from one).
+pub(crate) fn host_array<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if !is_gpu_array(value) {
+        return Ok(value.clone());
+    }
+    let array = import(value, "value", Stream::DEFAULT)?;
+    let device = cuda::device(array.device)?;
+    let py = value.py();
+    let count = array.numel();
+    py.detach(|| Event::record(&device, Stream::DEFAULT)?.wait())?;
+    // SAFETY: the array holds `count` values of its dtype on `device`.
+    let flat = match array.dtype {
+        Ok(Dtype::F32) => {
+            numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f32>(&device, array.ptr, count)? }).into_any()
+        }
+        Ok(Dtype::F64) => {
+            numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f64>(&device, array.ptr, count)? }).into_any()
+        }
+        Err(name) => {
+            return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got: name }.into())
+        }
+    };
+    flat.call_method1("reshape", (array.shape.clone(),))
+}
+
+/// Where a GPU result goes: a fresh DeviceArray, or the caller's `out=` after checking it.
+fn gpu_output<'py, T: Float>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
+    device: &Arc<Device>,
+    dtype: Dtype,
+    shape: &[usize],
+    inputs: &[&GpuArray],
+    stream: Stream,
+) -> PyResult<(Bound<'py, PyAny>, u64)> {
+    let Some(out) = out.filter(|o| !o.is_none()) else {
+        let array = DeviceArray::empty::<T>(device, shape, dtype, stream)?;
+        let ptr = array.ptr();
+        return Ok((Bound::new(py, array)?.into_any(), ptr));
+    };
+    let target = import(out, "out", stream)?;
+    target.check("out", dtype, device.ordinal())?;
+    if target.shape != shape {
+        return Err(
+            Error::ShapeMismatch { what: "out".into(), expected: shape.to_vec(), got: target.shape.clone() }.into()
+        );
+    }
+    if target.readonly {
+        return Err(Error::BadOutput("out must be writeable, got a read-only array".into()).into());
+    }
+    if inputs.iter().any(|input| input.overlaps(&target, dtype.item_size())) {
+        return Err(Error::BadOutput("out must not share memory with an input".into()).into());
+    }
+    Ok((out.clone(), target.ptr))
+}
+
+fn shape_of(array: &GpuArray, what: &'static str) -> Result<crate::Shape> {
+    crate::Shape::from_dims(&array.shape).map_err(|_| Error::Rank { what, got: array.shape.clone() })
+}
+
+/// A NumPy call on a GPU module: the array goes to the device and the result comes back (a
+/// convenience, not the fast path), into `out=` when given.
+fn through_device<'py, T: Float>(
+    py: Python<'py>,
+    device: &Arc<Device>,
+    dtype: Dtype,
+    value: &Bound<'py, PyAny>,
+    what: &str,
+    out: Option<&Bound<'py, PyAny>>,
+    run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let host = typed_array::<T>(value, what)?;
+    let target = output::<T>(py, out, host.shape(), &[host.as_untyped()])?;
+    let staged = upload(py, device, &host, dtype)?;
+    let result = run(staged.as_any())?.call_method0("numpy")?;
+    py.import("numpy")?.call_method1("copyto", (&target, result))?;
+    Ok(target.into_any())
+}
+
+/// The forward of a module on a GPU, on `stream`.
+pub(crate) fn forward<'py, T: Float>(
+    module: &Bound<'py, PyBatchNorm2d>,
+    input: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+    stream: Stream,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = module.py();
+    let this = module.get();
+    let device = module_device(this, py)?;
+    if input.cast::<numpy::PyUntypedArray>().is_ok() {
+        return through_device::<T>(py, &device, this.dtype, input, "input", out, |staged| {
+            forward::<T>(module, staged, None, stream)
+        });
+    }
+    let x = import(input, "input", stream)?;
+    x.check("input", this.dtype, device.ordinal())?;
+    let shape = shape_of(&x, "input")?;
+    let (y, y_ptr) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x], stream)?;
+    {
+        let mut state = lock(py, &this.layer);
+        let layer = typed_gpu::<T>(&mut state.gpu)?;
+        // SAFETY: both arrays were checked to be C-contiguous, of `shape`, on the layer's device;
+        // `x` stays alive in `saved` and `y` in the object returned.
+        unsafe { layer.forward(DeviceTensor::from_raw(x.ptr, shape), DeviceTensor::from_raw(y_ptr, shape), stream)? };
+    }
+    *lock(py, &this.saved) = Some(Saved::Gpu { ptr: x.ptr, dims: x.shape.clone(), _input: x.owner });
+    Ok(y)
+}
+
+/// The backward of a module on a GPU, on `stream`.
+pub(crate) fn backward<'py, T: Float>(
+    module: &Bound<'py, PyBatchNorm2d>,
+    grad_output: &Bound<'py, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+    stream: Stream,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = module.py();
+    let this = module.get();
+    let device = module_device(this, py)?;
+    let (x_ptr, dims, input) = match lock(py, &this.saved).as_ref() {
+        Some(Saved::Gpu { ptr, dims, _input }) => (*ptr, dims.clone(), _input.clone_ref(py)),
+        _ => return Err(Error::NoForward.into()),
+    };
+    if grad_output.cast::<numpy::PyUntypedArray>().is_ok() {
+        return through_device::<T>(py, &device, this.dtype, grad_output, "grad_output", out, |staged| {
+            backward::<T>(module, staged, None, stream)
+        });
+    }
+    let dy = import(grad_output, "grad_output", stream)?;
+    dy.check("grad_output", this.dtype, device.ordinal())?;
+    if dy.shape != dims {
+        return Err(Error::ShapeMismatch {
+            what: "grad_output (the forward output's shape)".into(),
+            expected: dims,
+            got: dy.shape.clone(),
+        }
+        .into());
+    }
+    let shape = shape_of(&dy, "grad_output")?;
+    let x = GpuArray {
+        ptr: x_ptr,
+        shape: dims,
+        dtype: Ok(this.dtype),
+        device: device.ordinal(),
+        readonly: true,
+        owner: input,
+    };
+    let (dx, dx_ptr) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x, &dy], stream)?;
+    let mut state = lock(py, &this.layer);
+    let layer = typed_gpu::<T>(&mut state.gpu)?;
+    // SAFETY: as in `forward`; `x` is the last forward's input, kept alive by `saved`.
+    unsafe {
+        layer.backward(
+            DeviceTensor::from_raw(x.ptr, shape),
+            DeviceTensor::from_raw(dy.ptr, shape),
+            DeviceTensor::from_raw(dx_ptr, shape),
+            stream,
+        )?
+    };
+    Ok(dx)
+}
