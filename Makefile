@@ -14,8 +14,9 @@ demo: install ## install, then run the demonstration (python -m batchnorm)
 	$(PYTHON) -m batchnorm
 
 .PHONY: test-rust
-test-rust: ## the pure-Rust core: unit, integration and doc tests, no Python
+test-rust: ## the pure-Rust core (unit, integration, doc tests), then again with the CUDA backend built in
 	cargo test
+	cargo test --features cuda
 
 .PHONY: test-python
 test-python: install ## pytest against the installed package (PyTorch cases run when torch imports)
@@ -29,6 +30,7 @@ lint: ## rustfmt, clippy with and without the python feature, ruff and mypy.stub
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
+	cargo clippy --all-targets --features python,cuda -- -D warnings
 	$(PYTHON) -m ruff check python tests
 	$(PYTHON) -m ruff format --check python tests
 	$(PYTHON) -m mypy.stubtest batchnorm._core

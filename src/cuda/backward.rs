@@ -17,10 +17,11 @@ pub(crate) struct Gradients {
     pub grad_bias: u64,
     /// Add into the gradients instead of overwriting them.
     pub accumulate: bool,
+    /// The forward normalized with the batch's own statistics, so the gradient flows through them.
+    pub from_batch: bool,
 }
 
-/// grad_input of a forward that saved its statistics in `workspace`; `from_batch` when that
-/// forward normalized with the batch's own statistics (so the gradient flows through them).
+/// grad_input of a forward that saved its statistics in `workspace`.
 ///
 /// # Safety
 /// `x`, `dy`, `dx` and the pointers in `gradients` must be valid on `device` per [`DeviceTensor`].
@@ -31,7 +32,6 @@ pub(crate) unsafe fn backward<T: Element>(
     dy: DeviceTensor<T>,
     dx: DeviceTensor<T>,
     gradients: Gradients,
-    from_batch: bool,
     workspace: &Workspace,
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
@@ -44,7 +44,7 @@ pub(crate) unsafe fn backward<T: Element>(
         weight: gradients.weight,
         grad_weight: gradients.grad_weight,
         grad_bias: gradients.grad_bias,
-        from_batch: u64::from(from_batch),
+        from_batch: u64::from(gradients.from_batch),
         accumulate: u64::from(gradients.accumulate),
         ..geometry.backward_args(workspace)
     };

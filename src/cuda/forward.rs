@@ -8,17 +8,20 @@ use super::memory::{DeviceTensor, Stream};
 use crate::element::Element;
 use crate::error::Result;
 
-/// The layer's (C,) arrays a forward reads or updates, as device pointers (0 when absent).
+/// What a forward reads besides x: the layer's (C,) arrays as device pointers (0 when absent),
+/// the running-statistics blend factor and eps.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Parameters {
     pub weight: u64,
     pub bias: u64,
     pub running_mean: u64,
     pub running_var: u64,
+    pub factor: f64,
+    pub eps: f64,
 }
 
 /// Normalizes `x` into `y` with the batch's statistics, saving them in `workspace` for the
-/// backward; blends them into the running statistics with `factor` when those pointers are set.
+/// backward; blends them into the running statistics when those pointers are set.
 ///
 /// # Safety
 /// `x`, `y` and every pointer in `parameters` must be valid on `device` per [`DeviceTensor`].
@@ -29,8 +32,6 @@ pub(crate) unsafe fn train<T: Element>(
     y: DeviceTensor<T>,
     parameters: Parameters,
     workspace: &Workspace,
-    factor: f64,
-    eps: f64,
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
     let splits = geometry.splits(device, workspace);
@@ -42,8 +43,8 @@ pub(crate) unsafe fn train<T: Element>(
         running_var: parameters.running_var,
         weight: parameters.weight,
         bias: parameters.bias,
-        factor,
-        eps,
+        factor: parameters.factor,
+        eps: parameters.eps,
         ..geometry.forward_args(workspace)
     };
     launch(device, &geometry.kernel::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
@@ -62,7 +63,6 @@ pub(crate) unsafe fn eval<T: Element>(
     y: DeviceTensor<T>,
     parameters: Parameters,
     workspace: &Workspace,
-    eps: f64,
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
     let args = super::launch::ForwardArgs {
@@ -72,7 +72,7 @@ pub(crate) unsafe fn eval<T: Element>(
         running_var: parameters.running_var,
         weight: parameters.weight,
         bias: parameters.bias,
-        eps,
+        eps: parameters.eps,
         ..geometry.forward_args(workspace)
     };
     let coefficient_blocks = geometry.channels.div_ceil(256) as u32;

@@ -123,7 +123,7 @@ impl Geometry {
         let wide = (16 / std::mem::size_of::<T>()) as u64;
         let plane = (shape.h * shape.w) as u64;
         let aligned = pointers.iter().all(|p| p % 16 == 0);
-        let width = if plane % wide == 0 && aligned { wide } else { 1 };
+        let width = if plane.is_multiple_of(wide) && aligned { wide } else { 1 };
         Ok(Geometry { images: shape.n as u64, channels: shape.c as u64, plane, width })
     }
 

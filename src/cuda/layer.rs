@@ -204,13 +204,14 @@ impl<T: Element> CudaBatchNorm2d<T> {
             bias: self.pointer(Buffer::Bias),
             running_mean: running(Buffer::RunningMean),
             running_var: running(Buffer::RunningVar),
+            factor: plan.factor,
+            eps: self.host.config().eps,
         };
-        let eps = self.host.config().eps;
         if shape.numel() > 0 {
             if plan.batch_stats {
-                train(&self.device, stream, x, y, parameters, &self.workspace, plan.factor, eps)?;
+                train(&self.device, stream, x, y, parameters, &self.workspace)?;
             } else {
-                eval(&self.device, stream, x, y, parameters, &self.workspace, eps)?;
+                eval(&self.device, stream, x, y, parameters, &self.workspace)?;
             }
         }
         if plan.updates {
@@ -251,8 +252,9 @@ impl<T: Element> CudaBatchNorm2d<T> {
                 grad_weight: self.pointer(Buffer::GradWeight),
                 grad_bias: self.pointer(Buffer::GradBias),
                 accumulate,
+                from_batch: forwarded.from_batch,
             };
-            backward(&self.device, stream, x, dy, dx, gradients, forwarded.from_batch, &self.workspace)?;
+            backward(&self.device, stream, x, dy, dx, gradients, &self.workspace)?;
         } else if !accumulate {
             // An empty batch's gradients are zeros, which overwrite stale ones.
             self.finish(stream)?;

@@ -185,7 +185,7 @@ impl<T> Drop for DeviceBuffer<T> {
 }
 
 /// A point in a stream's work that other streams, or the host, can wait for.
-pub(crate) struct Event {
+pub struct Event {
     raw: CUevent,
     device: Arc<Device>,
 }
@@ -196,7 +196,7 @@ unsafe impl Sync for Event {}
 
 impl Event {
     /// Marks the end of the work queued on `stream` so far.
-    pub(crate) fn record(device: &Arc<Device>, stream: Stream) -> Result<Event> {
+    pub fn record(device: &Arc<Device>, stream: Stream) -> Result<Event> {
         device.bind()?;
         let raw = driver::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(|e| driver_error("event creation", e))?;
@@ -207,7 +207,7 @@ impl Event {
     }
 
     /// Makes `stream` wait for this event without blocking the host.
-    pub(crate) fn order_before(&self, stream: Stream) -> Result<()> {
+    pub fn order_before(&self, stream: Stream) -> Result<()> {
         self.device.bind()?;
         // SAFETY: both handles are live.
         unsafe {
@@ -221,7 +221,7 @@ impl Event {
     }
 
     /// Blocks the host until the event has happened; reports a kernel fault as an error.
-    pub(crate) fn wait(&self) -> Result<()> {
+    pub fn wait(&self) -> Result<()> {
         self.device.bind()?;
         // SAFETY: the handle is live.
         unsafe { driver::event::synchronize(self.raw) }.map_err(|e| driver_error("waiting for the GPU", e))

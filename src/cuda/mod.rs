@@ -24,5 +24,4 @@ mod memory;
 
 pub use device::{compile, device, device_count, Device};
 pub use layer::CudaBatchNorm2d;
-pub(crate) use memory::Event;
-pub use memory::{copy_to_host, device_of_pointer, DeviceBuffer, DeviceTensor, Stream};
+pub use memory::{copy_to_host, device_of_pointer, DeviceBuffer, DeviceTensor, Event, Stream};

@@ -833,17 +833,26 @@ impl PyBatchNorm2d {
 
     /// zero_grad(): forgets the accumulated gradients (grad_weight and grad_bias become None).
     fn zero_grad(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.layer).edit_host(|host| Ok(with_layer!(host, l: _T => l.zero_grad())))
+        lock(py, &self.layer).edit_host(|host| {
+            with_layer!(host, l: _T => l.zero_grad());
+            Ok(())
+        })
     }
 
     /// reset_running_stats(): running_mean 0, running_var 1, num_batches_tracked 0.
     fn reset_running_stats(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.layer).edit_host(|host| Ok(with_layer!(host, l: _T => l.reset_running_stats())))
+        lock(py, &self.layer).edit_host(|host| {
+            with_layer!(host, l: _T => l.reset_running_stats());
+            Ok(())
+        })
     }
 
     /// reset_parameters(): reset_running_stats(), weight 1, bias 0.
     fn reset_parameters(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.layer).edit_host(|host| Ok(with_layer!(host, l: _T => l.reset_parameters())))
+        lock(py, &self.layer).edit_host(|host| {
+            with_layer!(host, l: _T => l.reset_parameters());
+            Ok(())
+        })
     }
 
     /// state_dict(): copies of the parameters and buffers under PyTorch's keys.
@@ -1030,6 +1039,9 @@ impl PyBatchNorm2d {
         }
         #[cfg(feature = "cuda")]
         {
+            // NVRTC may come from pip's nvidia-cuda-nvrtc wheel, somewhere on sys.path.
+            let roots: Vec<PathBuf> = py.import("sys")?.getattr("path")?.extract()?;
+            crate::cuda::library::add_search_roots(roots);
             let mut state = lock(py, &self.layer);
             let gpu = match placement {
                 Placement::Cuda(ordinal) => {
@@ -1037,7 +1049,8 @@ impl PyBatchNorm2d {
                         Some(gpu) => gpu.to_host()?,
                         None => state.host.clone(),
                     };
-                    Some(py.detach(|| cuda::GpuLayer::new(host, ordinal))?)
+                    let gpu = py.detach(|| cuda::GpuLayer::new(host, ordinal));
+                    Some(gpu.map_err(|e| Error::Cuda(format!("cannot use device {:?}: {e}", placement.name())))?)
                 }
                 Placement::Cpu => None,
             };

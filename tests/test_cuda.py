@@ -1,0 +1,266 @@
+"""The CUDA backend: the same semantics on a GPU, arrays in and out through DLPack and the CUDA array
+interface. GPU arrays come from PyTorch (or CuPy); the reference is the float64 NumPy one in
+reference.py and the module's own CPU path. Without a GPU only the no-driver behaviour is checked."""
+
+import numpy as np
+import pytest
+
+import batchnorm
+
+from helpers import pair, tol
+from reference import ReferenceBatchNorm2d
+
+
+def _gpu_reason():
+    try:
+        batchnorm.BatchNorm2d(1, device="cuda")
+    except RuntimeError as error:
+        return f"no usable GPU: {error}"
+    return None
+
+
+GPU_REASON = _gpu_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))
+
+try:
+    import torch
+
+    HAVE_TORCH_CUDA = torch.cuda.is_available()
+except ImportError:
+    torch = None
+    HAVE_TORCH_CUDA = False
+
+needs_torch = pytest.mark.skipif(not HAVE_TORCH_CUDA, reason="PyTorch with CUDA makes the GPU arrays here")
+
+
+def on_gpu(x):
+    return torch.from_dlpack(np.ascontiguousarray(x)).cuda()
+
+
+def host(array):
+    if torch is not None and isinstance(array, torch.Tensor):
+        return array.cpu().numpy()
+    return np.asarray(array)
+
+
+# ---- without a GPU ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="this machine has a GPU")
+def test_without_a_driver_cuda_is_a_runtime_error_that_says_so():
+    with pytest.raises(RuntimeError, match="no CUDA driver was found"):
+        batchnorm.BatchNorm2d(3, device="cuda")
+    m = batchnorm.BatchNorm2d(3)
+    with pytest.raises(RuntimeError, match="no CUDA driver was found"):
+        m.to("cuda:0")
+    assert m.device == "cpu"
+    y = m(np.ones((2, 3, 2, 2), np.float32))
+    assert m.num_batches_tracked == 1 and y.shape == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cuda:-1"])
+def test_malformed_device_strings_are_value_errors(device):
+    with pytest.raises(ValueError, match="unknown device"):
+        batchnorm.BatchNorm2d(3, device=device)
+
+
+def test_device_must_be_a_string():
+    with pytest.raises(TypeError, match="device must be"):
+        batchnorm.BatchNorm2d(3, device=0)
+
+
+def test_a_cpu_module_names_a_stray_stream():
+    with pytest.raises(ValueError, match="stream"):
+        batchnorm.BatchNorm2d(3)(np.ones((2, 3, 2, 2), np.float32), stream=1)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------
+
+SHAPES = [(4, 3, 8, 8), (2, 5, 7, 7), (3, 2, 5, 6), (1, 4, 1, 9), (4, 3, 5)]
+CONFIGS = [
+    dict(),
+    dict(momentum=None),
+    dict(affine=False),
+    dict(bias=False),
+    dict(track_running_stats=False),
+    dict(eps=1e-3, momentum=0.3),
+]
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_training_steps_match_the_reference(rng, dtype, shape, config):
+    m, ref = pair(shape[-3], dtype, **config)
+    m.to("cuda")
+    assert m.device == "cuda:0"
+    for step in range(3):
+        x = (rng.standard_normal(shape) * (step + 1) + step).astype(dtype)
+        m.train(step < 2)
+        ref.training = step < 2
+        y = m(on_gpu(x))
+        np.testing.assert_allclose(host(y), ref.forward(x), **tol(dtype))
+        dy = rng.standard_normal(shape).astype(dtype)
+        np.testing.assert_allclose(host(m.backward(on_gpu(dy))), ref.backward(dy), **tol(dtype))
+    state = m.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    if ref.running_mean is not None:
+        np.testing.assert_allclose(state["running_mean"], ref.running_mean, **tol(dtype))
+        np.testing.assert_allclose(state["running_var"], ref.running_var, **tol(dtype))
+        assert m.num_batches_tracked == ref.num_batches_tracked
+    if ref.grad_weight is not None:
+        np.testing.assert_allclose(host(m.grad_weight), ref.grad_weight, rtol=1e-4, atol=1e-4)
+    if ref.grad_bias is not None:
+        np.testing.assert_allclose(host(m.grad_bias), ref.grad_bias, rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_inputs_use_many_blocks_per_channel_and_agree_with_the_cpu(rng, dtype):
+    shape = (16, 3, 64, 64)
+    cpu, gpu = batchnorm.BatchNorm2d(3, dtype=dtype), batchnorm.BatchNorm2d(3, dtype=dtype, device="cuda")
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    np.testing.assert_allclose(host(gpu(on_gpu(x))), cpu(x), **tol(dtype))
+    np.testing.assert_allclose(host(gpu.backward(on_gpu(dy))), cpu.backward(dy), **tol(dtype))
+    for key, value in cpu.state_dict().items():
+        np.testing.assert_allclose(gpu.state_dict()[key], value, **tol(dtype), err_msg=key)
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_float32_statistics_keep_their_digits_on_offset_data(rng, offset):
+    x = (rng.standard_normal((8, 4, 32, 32)) + offset).astype(np.float32)
+    m, ref = pair(4, np.float32)
+    y = host(m.to("cuda")(on_gpu(x)))
+    expected = ref.forward(x)
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) <= 1e-6
+    np.testing.assert_allclose(m.state_dict()["running_mean"], ref.running_mean, rtol=1e-6)
+
+
+@needs_gpu
+@needs_torch
+def test_outputs_are_shared_through_dlpack_and_the_cuda_array_interface(rng):
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    y = m(on_gpu(rng.standard_normal((2, 3, 4, 4)).astype(np.float32)))
+    assert isinstance(y, batchnorm.DeviceArray) and y.shape == (2, 3, 4, 4) and y.device == "cuda:0"
+    pointer = y.__cuda_array_interface__["data"][0]
+    shared = torch.from_dlpack(y)
+    assert shared.data_ptr() == pointer and shared.is_cuda
+    np.testing.assert_array_equal(shared.cpu().numpy(), y.numpy())
+    np.testing.assert_array_equal(np.asarray(y), y.numpy())
+    try:
+        import cupy
+    except ImportError:
+        return
+    assert cupy.from_dlpack(y).data.ptr == pointer
+    assert cupy.asarray(y).data.ptr == pointer
+
+
+@needs_gpu
+@needs_torch
+def test_out_is_written_in_place_and_parameters_are_device_views(rng):
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    x = on_gpu(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
+    out = torch.empty_like(x)
+    assert m(x, out=out) is out
+    weight = torch.from_dlpack(m.weight)
+    weight.mul_(2.0)  # an optimizer step on the device, through the view
+    np.testing.assert_array_equal(m.state_dict()["weight"], np.full(3, 2.0, np.float32))
+    m.weight = np.array([1.0, 2.0, 3.0], np.float32)
+    m.bias = torch.tensor([0.5, 0.5, 0.5], device="cuda")
+    np.testing.assert_array_equal(host(torch.from_dlpack(m.weight)), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(m.state_dict()["bias"], [0.5, 0.5, 0.5])
+
+
+@needs_gpu
+@needs_torch
+def test_bad_gpu_arrays_are_clear_errors_that_change_nothing(rng):
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    x = on_gpu(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
+    m(x)
+    before = (m.num_batches_tracked, m.state_dict())
+    with pytest.raises(TypeError, match="float32"):
+        m(x.double())
+    with pytest.raises(ValueError, match="C-contiguous"):
+        m(x.transpose(2, 3))
+    with pytest.raises(ValueError, match="channels"):
+        m(on_gpu(np.ones((2, 4, 4, 4), np.float32)))
+    with pytest.raises(ValueError, match="out"):
+        m(x, out=torch.empty((2, 3, 4, 5), device="cuda"))
+    with pytest.raises(ValueError, match="share memory"):
+        m(x, out=x)
+    with pytest.raises(TypeError, match="float32"):
+        m(x, out=torch.empty_like(x, dtype=torch.float64))
+    cpu = batchnorm.BatchNorm2d(3)
+    with pytest.raises(ValueError, match="GPU array"):
+        cpu(x)
+    after = (m.num_batches_tracked, m.state_dict())
+    assert before[0] == after[0]
+    for key in before[1]:
+        np.testing.assert_array_equal(before[1][key], after[1][key])
+
+
+@needs_gpu
+def test_numpy_inputs_are_copied_to_the_device_and_back(rng):
+    m, ref = pair(3, np.float64)
+    m.to("cuda")
+    x = rng.standard_normal((2, 3, 5, 5))
+    y = m(x)
+    assert isinstance(y, np.ndarray)
+    np.testing.assert_allclose(y, ref.forward(x), **tol(np.float64))
+    dy = rng.standard_normal(x.shape)
+    out = np.empty_like(x)
+    assert m.backward(dy, out=out) is out
+    np.testing.assert_allclose(out, ref.backward(dy), **tol(np.float64))
+
+
+@needs_gpu
+def test_moving_between_devices_keeps_the_state(rng):
+    m = batchnorm.BatchNorm2d(3)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    m(x)
+    cpu_view = m.running_mean  # a NumPy view must survive the moves
+    state = m.state_dict()
+    assert m.to("cuda") is m and m.device == "cuda:0"
+    m(x)
+    m.to("cpu")
+    assert m.device == "cpu" and m.num_batches_tracked == 2
+    assert cpu_view.shape == (3,)
+    ref = ReferenceBatchNorm2d(3)
+    ref.forward(x), ref.forward(x)
+    np.testing.assert_allclose(m.running_mean, ref.running_mean, **tol(np.float32))
+    m.to("cuda").load_state_dict(state)
+    np.testing.assert_array_equal(m.state_dict()["running_mean"], state["running_mean"])
+
+
+@needs_gpu
+@needs_torch
+def test_work_follows_the_callers_stream(rng):
+    stream = torch.cuda.Stream()
+    m, ref = pair(3, np.float32)
+    m.to("cuda")
+    x = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
+    with torch.cuda.stream(stream):
+        x_gpu = on_gpu(x)
+        y = m(x_gpu, stream=stream)
+        result = torch.from_dlpack(y).clone()
+    stream.synchronize()
+    np.testing.assert_allclose(result.cpu().numpy(), ref.forward(x), **tol(np.float32))
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_matches_torch_on_cuda(rng, momentum):
+    theirs = torch.nn.BatchNorm2d(4, momentum=momentum).cuda()
+    ours = batchnorm.BatchNorm2d(4, momentum=momentum, device="cuda")
+    for _ in range(3):
+        x = torch.randn(8, 4, 6, 6, device="cuda") * 2 + 1
+        np.testing.assert_allclose(host(ours(x)), theirs(x).detach().cpu().numpy(), rtol=1e-4, atol=1e-4)
+    for key, value in theirs.state_dict().items():
+        np.testing.assert_allclose(ours.state_dict()[key], value.cpu().numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
