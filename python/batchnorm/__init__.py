@@ -8,6 +8,7 @@
 from batchnorm import functional
 from batchnorm._core import (
     BatchNorm2d,
+    DeviceArray,
     __version__,
     get_num_threads,
     load_file,
@@ -18,6 +19,7 @@ from batchnorm._core import (
 
 __all__ = [
     "BatchNorm2d",
+    "DeviceArray",
     "__version__",
     "functional",
     "get_num_threads",
