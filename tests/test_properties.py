@@ -72,10 +72,12 @@ def test_matches_reference(shape, dtype, config, modes, layout, seed):
 def test_normalized_output_has_zero_mean_unit_variance(offset, scale, shape, seed):
     x = (np.random.default_rng(seed).standard_normal(shape) * scale + offset).astype(np.float64)
     y = batchnorm.BatchNorm2d(shape[1], eps=0.0, dtype=np.float64)(x)
-    # Rounding x itself costs up to ε·offset, which normalization magnifies by 1/scale.
-    tolerance = 64 * np.finfo(np.float64).eps * (1 + offset / scale)
-    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=tolerance)
-    np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, rtol=tolerance)
+    # Rounding x itself costs up to ε·|x|, which normalization magnifies by 1/std of the channel: in a
+    # small batch that std can be far below `scale`.
+    axes = (0, 2, 3)
+    tolerance = 64 * np.finfo(np.float64).eps * (1 + np.abs(x).max(axis=axes) / x.std(axis=axes))
+    assert np.all(np.abs(y.mean(axis=axes)) <= tolerance), (y.mean(axis=axes), tolerance)
+    assert np.all(np.abs(y.var(axis=axes) - 1) <= tolerance), (y.var(axis=axes), tolerance)
 
 
 @settings(max_examples=30, deadline=None)
