@@ -3,7 +3,7 @@
 //! and blends the running statistics; pass 2 `normalize` writes y once. Eval is [`eval`].
 
 use super::device::Device;
-use super::launch::{launch, Geometry, Workspace};
+use super::launch::{launch, ForwardArgs, Geometry, Workspace};
 use super::memory::{DeviceTensor, Stream};
 use crate::element::Element;
 use crate::error::Result;
@@ -35,18 +35,7 @@ pub(crate) unsafe fn train<T: Element>(
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
     let splits = geometry.splits(device, workspace);
-    let args = super::launch::ForwardArgs {
-        x: x.ptr(),
-        y: y.ptr(),
-        splits,
-        running_mean: parameters.running_mean,
-        running_var: parameters.running_var,
-        weight: parameters.weight,
-        bias: parameters.bias,
-        factor: parameters.factor,
-        eps: parameters.eps,
-        ..geometry.forward_args(workspace)
-    };
+    let args = ForwardArgs { splits, ..arguments(&geometry, workspace, x, y, parameters) };
     launch(device, &geometry.kernel::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
     launch(device, &geometry.kernel::<T>("normalize"), (geometry.tiles()?, 1), stream, &args)
 }
@@ -65,18 +54,31 @@ pub(crate) unsafe fn eval<T: Element>(
     workspace: &Workspace,
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
-    let args = super::launch::ForwardArgs {
-        x: x.ptr(),
-        y: y.ptr(),
-        running_mean: parameters.running_mean,
-        running_var: parameters.running_var,
-        weight: parameters.weight,
-        bias: parameters.bias,
-        eps: parameters.eps,
-        ..geometry.forward_args(workspace)
-    };
+    let args = arguments(&geometry, workspace, x, y, parameters);
     let coefficient_blocks = geometry.channels.div_ceil(256) as u32;
     let coefficients = format!("eval_coefficients_{}", super::launch::dtype_suffix::<T>());
     launch(device, &coefficients, (coefficient_blocks, 1), stream, &args)?;
     launch(device, &geometry.kernel::<T>("normalize"), (geometry.tiles()?, 1), stream, &args)
+}
+
+/// The kernels' arguments for a forward of `x` into `y` (one statistics split per channel).
+fn arguments<T: Element>(
+    geometry: &Geometry,
+    workspace: &Workspace,
+    x: DeviceTensor<T>,
+    y: DeviceTensor<T>,
+    parameters: Parameters,
+) -> ForwardArgs {
+    ForwardArgs {
+        x: x.ptr(),
+        y: y.ptr(),
+        splits: 1,
+        running_mean: parameters.running_mean,
+        running_var: parameters.running_var,
+        weight: parameters.weight,
+        bias: parameters.bias,
+        factor: parameters.factor,
+        eps: parameters.eps,
+        ..geometry.forward_args(workspace)
+    }
 }

@@ -146,6 +146,29 @@ __device__ S gather_partials(S* partials, unsigned* arrivals, unsigned c, u64 sp
     return total;
 }
 
+// The packs of channel c that block `split` of a reduction pass covers: an equal share of its
+// N * HW / W packs, in (image, offset) order.
+template <typename Index>
+struct SplitRange {
+    Index begin, end;
+};
+
+template <int W, typename Index>
+__device__ __forceinline__ SplitRange<Index> split_range(u64 images, u64 plane, u64 splits, unsigned split) {
+    const Index count = static_cast<Index>(images * (plane / W));
+    const Index per_split = static_cast<Index>((count + splits - 1) / splits);
+    const Index begin = split * per_split;
+    return SplitRange<Index>{begin, min(count, begin + per_split)};
+}
+
+// This thread's first pack in an elementwise pass: THREADS * UNROLL packs per block, the tiles in
+// reverse order, as pass 1 read the tensor front to back and the end of it is what L2 still holds.
+template <typename Index>
+__device__ __forceinline__ Index tile_first() {
+    const Index tile = gridDim.x - 1 - blockIdx.x;
+    return tile * (THREADS * UNROLL) + threadIdx.x;
+}
+
 // Channel c's packs, addressed 0 .. N * HW / W in (image, offset) order.
 template <typename T, int W, typename Index>
 struct ChannelWalk {
@@ -170,10 +193,8 @@ __device__ __forceinline__ T weight_or_one(const void* weight, unsigned c) {
 template <typename T, int W, typename Index>
 __device__ void statistics(const ForwardArgs& a) {
     const unsigned c = blockIdx.x, split = blockIdx.y;
-    const Index count = static_cast<Index>(a.images * (a.plane / W));
-    const Index per_split = static_cast<Index>((count + a.splits - 1) / a.splits);
-    const Index begin = split * per_split;
-    const Index end = min(count, begin + per_split);
+    const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
+    const Index begin = range.begin, end = range.end;
     const ChannelWalk<T, W, Index> walk{static_cast<const T*>(a.x) + c * a.plane, static_cast<Index>(a.plane / W),
                                         a.channels * a.plane};
     const double shift = static_cast<double>(walk.base[0]);
@@ -267,15 +288,13 @@ __device__ __forceinline__ void store_streaming(P* p, P value) {
 }
 
 // Pass 2 of the forward (and all of eval): y = ((x - hi) - lo) * scale + shift over the flat
-// tensor, THREADS * UNROLL packs per block. Tiles go in reverse order: pass 1 read the tensor
-// front to back, so the end of it is what L2 still holds.
+// tensor, by tiles (see tile_first).
 template <typename T, int W, typename Index>
 __device__ void normalize(const ForwardArgs& a) {
     typedef Pack<T, W> P;
     const Index plane_packs = static_cast<Index>(a.plane / W);
     const Index total = static_cast<Index>(a.images * a.channels) * plane_packs;
-    const Index tile = gridDim.x - 1 - blockIdx.x;
-    const Index first = tile * (THREADS * UNROLL) + threadIdx.x;
+    const Index first = tile_first<Index>();
     const P* x = static_cast<const P*>(a.x);
     P* y = static_cast<P*>(a.y);
     const Affine<T>* coefficients = static_cast<const Affine<T>*>(a.coefficients);
@@ -301,10 +320,8 @@ __device__ void normalize(const ForwardArgs& a) {
 template <typename T, int W, typename Index>
 __device__ void gradient_sums(const BackwardArgs& a) {
     const unsigned c = blockIdx.x, split = blockIdx.y;
-    const Index count = static_cast<Index>(a.images * (a.plane / W));
-    const Index per_split = static_cast<Index>((count + a.splits - 1) / a.splits);
-    const Index begin = split * per_split;
-    const Index end = min(count, begin + per_split);
+    const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
+    const Index begin = range.begin, end = range.end;
     const Index plane_packs = static_cast<Index>(a.plane / W);
     const ChannelWalk<T, W, Index> xs{static_cast<const T*>(a.x) + c * a.plane, plane_packs, a.channels * a.plane};
     const ChannelWalk<T, W, Index> dys{static_cast<const T*>(a.dy) + c * a.plane, plane_packs, a.channels * a.plane};
@@ -356,10 +373,9 @@ __device__ void gradient_sums(const BackwardArgs& a) {
         k_x = -k_dy * invstd * invstd * s.dy_xmu / values;
         k_one = -k_dy * s.dy / values;
     }
-    const double mean_c = a.saved_mean[c];
-    const T hi = static_cast<T>(mean_c);
+    const T hi = static_cast<T>(mean);
     static_cast<GradAffine<T>*>(a.coefficients)[c] = GradAffine<T>{
-        hi, static_cast<T>(mean_c - static_cast<double>(hi)), static_cast<T>(k_dy), static_cast<T>(k_x),
+        hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(k_dy), static_cast<T>(k_x),
         static_cast<T>(k_one)};
 }
 
@@ -369,8 +385,7 @@ __device__ void input_gradient(const BackwardArgs& a) {
     typedef Pack<T, W> P;
     const Index plane_packs = static_cast<Index>(a.plane / W);
     const Index total = static_cast<Index>(a.images * a.channels) * plane_packs;
-    const Index tile = gridDim.x - 1 - blockIdx.x;
-    const Index first = tile * (THREADS * UNROLL) + threadIdx.x;
+    const Index first = tile_first<Index>();
     const P* x = static_cast<const P*>(a.x);
     const P* dy = static_cast<const P*>(a.dy);
     P* dx = static_cast<P*>(a.dx);
