@@ -14,8 +14,13 @@ pub enum Error {
     ChannelMismatch { expected: usize, got: usize, shape: Vec<usize> },
     /// Two arrays that must have the same shape do not.
     ShapeMismatch { what: String, expected: Vec<usize>, got: Vec<usize> },
-    /// A data slice is too short, or a strided view would read outside it.
-    OutOfBounds { what: &'static str, needed: usize, got: usize },
+    /// A strided view would read outside its data: it reaches elements `lowest..=highest`
+    /// (relative to the start of the data) of a slice of `len`.
+    OutOfBounds { what: &'static str, lowest: i128, highest: i128, len: usize },
+    /// A slice does not have the length its shape needs.
+    Length { what: &'static str, expected: usize, got: usize },
+    /// A size from the caller is too large to allocate or to address (`MemoryError` in Python).
+    Memory(String),
     /// Training (batch statistics) needs at least two values per channel.
     TooFewValues { shape: Vec<usize> },
     /// An array has the wrong element type (raised by the bindings, which see dtypes).
@@ -39,6 +44,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error with the input's shape reported as `dims`, the shape the caller passed
+    /// (an unbatched (C, H, W) input is computed on as (1, C, H, W)).
+    pub fn with_input_dims(self, dims: &[usize]) -> Error {
+        match self {
+            Error::ChannelMismatch { expected, got, .. } => Error::ChannelMismatch { expected, got, shape: dims.to_vec() },
+            Error::TooFewValues { .. } => Error::TooFewValues { shape: dims.to_vec() },
+            other => other,
+        }
+    }
+
+    /// A buffer of `count` values of `T` that cannot be allocated.
+    pub(crate) fn allocation<T>(what: &str, count: usize) -> Error {
+        let bytes = count.checked_mul(size_of::<T>()).map_or_else(|| "more than 2**64".to_string(), |b| b.to_string());
+        Error::Memory(format!("cannot allocate {what}: {count} values of {} bytes ({bytes} bytes)", size_of::<T>()))
+    }
+
     /// An I/O error on `path`, keeping its kind.
     pub(crate) fn io(path: &std::path::Path, error: &std::io::Error) -> Error {
         Error::Io { kind: error.kind(), message: format!("{}: {error}", path.display()) }
@@ -63,7 +84,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::InvalidArgument(msg) | Error::BadOutput(msg) | Error::StateDict(msg) => f.write_str(msg),
-            Error::Unsupported(msg) | Error::Format(msg) | Error::Cuda(msg) => f.write_str(msg),
+            Error::Unsupported(msg) | Error::Format(msg) | Error::Cuda(msg) | Error::Memory(msg) => f.write_str(msg),
             Error::Io { message, .. } => f.write_str(message),
             Error::Rank { what, got } => write!(
                 f,
@@ -79,8 +100,19 @@ impl fmt::Display for Error {
             Error::ShapeMismatch { what, expected, got } => {
                 write!(f, "expected {what} of shape {}, got shape {}", shape_str(expected), shape_str(got))
             }
-            Error::OutOfBounds { what, needed, got } => {
-                write!(f, "{what} needs at least {needed} elements of storage, got {got}")
+            Error::OutOfBounds { what, lowest, highest, len } if *lowest < 0 => write!(
+                f,
+                "{what} reaches {} elements before the start of its data (element {lowest}); its data holds {len} \
+                 elements",
+                -lowest,
+            ),
+            Error::OutOfBounds { what, highest, len, .. } => write!(
+                f,
+                "{what} reaches element {highest}, past the end of its data, which holds {len} elements (0..={})",
+                *len as i128 - 1
+            ),
+            Error::Length { what, expected, got } => {
+                write!(f, "expected {what} of length {expected}, got length {got}")
             }
             Error::TooFewValues { shape } => {
                 write!(f, "Expected more than 1 value per channel when training, got input size {}", shape_str(shape))

@@ -23,6 +23,7 @@ pub struct SavedStats {
 impl SavedStats {
     /// The statistics of `x` itself (what a training forward normalizes with).
     pub fn of_batch<T: Element>(x: &TensorRef<'_, T>, eps: f64) -> Result<Self> {
+        check_eps(eps, true)?;
         let shape = x.shape();
         check_batch_size(shape)?;
         if shape.numel() == 0 {
@@ -42,6 +43,7 @@ impl SavedStats {
 
     /// Running statistics used as constants (what an eval forward normalizes with).
     pub fn from_running<T: Element>(shape: Shape, running_mean: &[T], running_var: &[T], eps: f64) -> Result<Self> {
+        check_eps(eps, false)?;
         check_len("running_mean", running_mean.len(), shape.c)?;
         check_len("running_var", running_var.len(), shape.c)?;
         Ok(SavedStats {
@@ -97,7 +99,19 @@ pub(crate) fn check_batch_size(shape: Shape) -> Result<()> {
 
 fn check_output(shape: Shape, len: usize) -> Result<()> {
     if len != shape.numel() {
-        return Err(Error::OutOfBounds { what: "output", needed: shape.numel(), got: len });
+        return Err(Error::Length { what: "output", expected: shape.numel(), got: len });
+    }
+    Ok(())
+}
+
+/// PyTorch 2.13's rule: normalizing by batch statistics needs eps > 0 (a constant channel would
+/// divide by zero), by running statistics eps ≥ 0. As in PyTorch, NaN and infinity pass.
+pub fn check_eps(eps: f64, batch_stats: bool) -> Result<()> {
+    if batch_stats && eps <= 0.0 {
+        return Err(Error::InvalidArgument(format!("batch_norm eps must be positive during training, but got {eps:?}")));
+    }
+    if eps < 0.0 {
+        return Err(Error::InvalidArgument(format!("batch_norm eps must be non-negative, but got {eps:?}")));
     }
     Ok(())
 }
@@ -122,6 +136,7 @@ pub fn batch_norm<T: Element>(
 ) -> Result<SavedStats> {
     let shape = x.shape();
     let c = shape.c;
+    check_eps(eps, training)?;
     check_output(shape, y.len())?;
     if let Some(w) = weight {
         check_len("weight", w.len(), c)?;

@@ -29,6 +29,10 @@ pub enum Buffer {
 }
 
 impl Buffer {
+    /// Every array a layer can hold.
+    pub const ALL: [Buffer; 6] =
+        [Buffer::Weight, Buffer::Bias, Buffer::RunningMean, Buffer::RunningVar, Buffer::GradWeight, Buffer::GradBias];
+
     /// The float entries of a state dict, in PyTorch's order.
     pub const STATE: [Buffer; 4] = [Buffer::Weight, Buffer::Bias, Buffer::RunningMean, Buffer::RunningVar];
 
@@ -86,7 +90,7 @@ impl Config {
 
     /// The configuration of a PyTorch module holding `entries`: num_features from the shapes,
     /// affine, bias and tracking from which keys are present, PyTorch's default eps and momentum.
-    pub fn infer<T>(entries: &[(String, StateTensor<T>)]) -> Result<Config> {
+    pub fn infer(entries: &[(String, StateTensor)]) -> Result<Config> {
         let has = |key: &str| entries.iter().any(|(k, _)| k == key);
         let Some((key, tensor)) = entries.iter().find(|(k, _)| Buffer::STATE.iter().any(|b| b.name() == k)) else {
             return Err(Error::Format(
@@ -153,6 +157,14 @@ impl Config {
     }
 }
 
+/// `count` copies of `value`, or [`Error::Memory`] where the allocation is refused.
+pub(crate) fn filled_vec<T: Copy>(count: usize, value: T) -> Result<Vec<T>> {
+    let mut values = Vec::new();
+    values.try_reserve_exact(count).map_err(|_| Error::allocation::<T>("a per-channel buffer", count))?;
+    values.resize(count, value);
+    Ok(values)
+}
+
 /// Constructor arguments that replace what a file or state dict says (or PyTorch's defaults).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigOverrides {
@@ -206,25 +218,54 @@ pub struct BatchNorm2d<T: Element> {
 
 impl<T: Element> BatchNorm2d<T> {
     /// A layer in training mode with weight 1, bias 0, running mean 0 and running variance 1.
+    /// A `num_features` too large to allocate is [`Error::Memory`], never an abort.
     pub fn new(config: Config) -> Result<Self> {
         let c = config.num_features;
         if c == 0 {
             return Err(Error::InvalidArgument("num_features must be a positive integer, got 0".into()));
         }
-        let filled = |on: bool, value: f64| on.then(|| vec![T::from_f64(value); c]);
+        let filled = |on: bool, value: f64| on.then(|| filled_vec(c, T::from_f64(value))).transpose();
         let (affine, bias, track) = (config.affine, config.affine && config.bias, config.track_running_stats);
         Ok(BatchNorm2d {
-            weight: filled(affine, 1.0),
-            bias: filled(bias, 0.0),
-            running_mean: filled(track, 0.0),
-            running_var: filled(track, 1.0),
+            weight: filled(affine, 1.0)?,
+            bias: filled(bias, 0.0)?,
+            running_mean: filled(track, 0.0)?,
+            running_var: filled(track, 1.0)?,
             num_batches_tracked: track.then_some(0),
-            grad_weight: filled(affine, 0.0),
-            grad_bias: filled(bias, 0.0),
+            grad_weight: filled(affine, 0.0)?,
+            grad_bias: filled(bias, 0.0)?,
             has_grad: false,
             training: true,
             config,
         })
+    }
+
+    /// Takes the state of `other`, a layer of the same configuration, by copying its values into
+    /// this layer's own buffers: memory that views of this layer may reach is never replaced.
+    pub fn copy_state_from(&mut self, other: &BatchNorm2d<T>) -> Result<()> {
+        if self.config != other.config {
+            return Err(Error::InvalidArgument(format!(
+                "cannot copy the state of a layer configured as {:?} into one configured as {:?}",
+                other.config, self.config
+            )));
+        }
+        let pairs = [
+            (&mut self.weight, &other.weight),
+            (&mut self.bias, &other.bias),
+            (&mut self.running_mean, &other.running_mean),
+            (&mut self.running_var, &other.running_var),
+            (&mut self.grad_weight, &other.grad_weight),
+            (&mut self.grad_bias, &other.grad_bias),
+        ];
+        for (into, from) in pairs {
+            if let (Some(into), Some(from)) = (into.as_deref_mut(), from.as_deref()) {
+                into.copy_from_slice(from);
+            }
+        }
+        self.num_batches_tracked = other.num_batches_tracked;
+        self.has_grad = other.has_grad;
+        self.training = other.training;
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -249,16 +290,16 @@ impl<T: Element> BatchNorm2d<T> {
             Buffer::GradBias => self.grad_bias.as_deref().filter(|_| self.has_grad),
         }
     }
-    /// Whether the configuration gives the layer this array (gradients included, held or not).
-    #[cfg(feature = "cuda")]
-    pub(crate) fn has_buffer(&self, which: Buffer) -> bool {
+    /// The memory of one of the layer's arrays, whether or not it holds a value now (gradients
+    /// before a backward): for overlap checks and device copies.
+    pub(crate) fn storage(&self, which: Buffer) -> Option<&[T]> {
         match which {
-            Buffer::Weight => self.weight.is_some(),
-            Buffer::Bias => self.bias.is_some(),
-            Buffer::RunningMean => self.running_mean.is_some(),
-            Buffer::RunningVar => self.running_var.is_some(),
-            Buffer::GradWeight => self.grad_weight.is_some(),
-            Buffer::GradBias => self.grad_bias.is_some(),
+            Buffer::Weight => self.weight.as_deref(),
+            Buffer::Bias => self.bias.as_deref(),
+            Buffer::RunningMean => self.running_mean.as_deref(),
+            Buffer::RunningVar => self.running_var.as_deref(),
+            Buffer::GradWeight => self.grad_weight.as_deref(),
+            Buffer::GradBias => self.grad_bias.as_deref(),
         }
     }
     /// The same array, to write in place (an optimizer step, or loading values).
@@ -417,17 +458,17 @@ impl<T: Element> BatchNorm2d<T> {
     }
 
     /// PyTorch's `state_dict()`: copies of the parameters and buffers.
-    pub fn state_dict(&self) -> Vec<(&'static str, StateTensor<T>)> {
+    pub fn state_dict(&self) -> Vec<(&'static str, StateTensor)> {
         let floats = Buffer::STATE
             .into_iter()
-            .filter_map(|b| self.buffer(b).map(|values| (b.name(), StateTensor::float(values.to_vec()))));
+            .filter_map(|b| self.buffer(b).map(|values| (b.name(), StateTensor::float(values))));
         let counter = self.num_batches_tracked.map(|n| (NUM_BATCHES_TRACKED, StateTensor::scalar_int(n)));
         floats.chain(counter).collect()
     }
 
     /// PyTorch's `load_state_dict`. Every key and shape is checked before anything is written;
     /// under `strict`, missing or unexpected keys are an error naming all of them.
-    pub fn load_state_dict(&mut self, entries: &[(String, StateTensor<T>)], strict: bool) -> Result<LoadReport> {
+    pub fn load_state_dict(&mut self, entries: &[(String, StateTensor)], strict: bool) -> Result<LoadReport> {
         let keys = self.state_keys();
         let find = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v);
         // As PyTorch: a state without num_batches_tracked (from before it existed) keeps the
@@ -466,7 +507,7 @@ impl<T: Element> BatchNorm2d<T> {
         }
         for buffer in Buffer::STATE {
             if let (Some(value), Some(target)) = (find(buffer.name()), self.buffer_mut(buffer)) {
-                target.copy_from_slice(&value.to_floats());
+                value.cast_into(target);
             }
         }
         if let (Some(value), Some(count)) = (find(NUM_BATCHES_TRACKED), self.num_batches_tracked.as_mut()) {
@@ -476,7 +517,7 @@ impl<T: Element> BatchNorm2d<T> {
     }
 
     /// A layer with `config` holding `entries`, loaded strictly.
-    pub fn from_state(config: Config, entries: &[(String, StateTensor<T>)]) -> Result<Self> {
+    pub fn from_state(config: Config, entries: &[(String, StateTensor)]) -> Result<Self> {
         let mut layer = BatchNorm2d::new(config)?;
         layer.load_state_dict(entries, true)?;
         Ok(layer)
@@ -487,7 +528,7 @@ impl<T: Element> BatchNorm2d<T> {
     /// configuration, dtype and training flag in its metadata.
     pub fn to_tensor_file(&self) -> TensorFile {
         let tensors =
-            self.state_dict().iter().map(|(key, tensor)| (key.to_string(), RawTensor::from_state(tensor))).collect();
+            self.state_dict().iter().map(|(key, tensor)| (key.to_string(), RawTensor::from_state::<T>(tensor))).collect();
         let mut metadata = self.config.to_metadata();
         metadata.insert("format".into(), "pt".into());
         metadata.insert(DTYPE_KEY.into(), T::DTYPE.into());
@@ -501,7 +542,7 @@ impl<T: Element> BatchNorm2d<T> {
     pub fn from_tensor_file(file: &TensorFile, overrides: &ConfigOverrides) -> Result<Self> {
         let mut entries = Vec::with_capacity(file.tensors.len());
         for (name, tensor) in &file.tensors {
-            entries.push((name.clone(), tensor.to_state::<T>(name)?));
+            entries.push((name.clone(), tensor.to_state(name)?));
         }
         let config = match Config::from_metadata(&file.metadata)? {
             Some(config) => config,

@@ -51,6 +51,7 @@ mod threads;
 mod python;
 
 pub use cpu::simd::SimdLevel;
+pub use cpu::{last_plan, PlanKind, PlanReport, Tuning};
 pub use element::Element;
 pub use error::{Error, Result};
 pub use functional::{ParamGrads, SavedStats};

@@ -6,7 +6,7 @@
 //! is contiguous and gathered into a small buffer when it is not (channels-last, Fortran order,
 //! negative strides).
 
-use crate::error::{Error, Result};
+use crate::error::{shape_str, Error, Result};
 
 /// The dimensions of an (N, C, H, W) tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,6 +53,24 @@ impl Shape {
         self.n * self.c * self.h * self.w
     }
 
+    /// Checks that every count derived from the shape (elements, values per channel, and their
+    /// sizes in bytes of `T`) fits the address space, so the unchecked accessors above are exact.
+    /// Every [`TensorRef`] has passed it.
+    pub fn check_size<T>(&self) -> Result<()> {
+        let per_channel = self.n.checked_mul(self.h).and_then(|v| v.checked_mul(self.w));
+        let numel = per_channel.and_then(|v| v.checked_mul(self.c));
+        let addressable = |count: Option<usize>| {
+            count.and_then(|v| v.checked_mul(size_of::<T>().max(1))).is_some_and(|bytes| bytes <= isize::MAX as usize)
+        };
+        if addressable(per_channel) && addressable(numel) {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "a tensor of shape {} is too large: its size in bytes does not fit the address space",
+            shape_str(&self.dims())
+        )))
+    }
+
     /// Strides, in elements, of the C-contiguous layout.
     pub const fn contiguous_strides(&self) -> [isize; 4] {
         let w = 1;
@@ -85,12 +103,9 @@ pub struct TensorRef<'a, T> {
 impl<'a, T: Copy + Default> TensorRef<'a, T> {
     /// A C-contiguous tensor: `data.len()` must equal `shape.numel()`.
     pub fn contiguous(data: &'a [T], shape: Shape) -> Result<Self> {
+        shape.check_size::<T>()?;
         if data.len() != shape.numel() {
-            return Err(Error::ShapeMismatch {
-                what: "data length for shape".into(),
-                expected: vec![shape.numel()],
-                got: vec![data.len()],
-            });
+            return Err(Error::Length { what: "data for the shape", expected: shape.numel(), got: data.len() });
         }
         Self::strided(data, 0, shape, shape.contiguous_strides())
     }
@@ -98,6 +113,7 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
     /// A strided tensor whose element (n, c, h, w) is
     /// `data[offset + n·s0 + c·s1 + h·s2 + w·s3]`.
     pub fn strided(data: &'a [T], offset: usize, shape: Shape, strides: [isize; 4]) -> Result<Self> {
+        shape.check_size::<T>()?;
         if shape.numel() > 0 {
             let (mut lowest, mut highest) = (offset as i128, offset as i128);
             for (&dim, &stride) in shape.dims().iter().zip(&strides) {
@@ -109,11 +125,7 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
                 }
             }
             if lowest < 0 || highest >= data.len() as i128 {
-                return Err(Error::OutOfBounds {
-                    what: "strided view",
-                    needed: (highest.max(0) as usize).saturating_add(1),
-                    got: data.len(),
-                });
+                return Err(Error::OutOfBounds { what: "strided view", lowest, highest, len: data.len() });
             }
         }
         let [_, _, sh, sw] = strides;

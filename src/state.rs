@@ -4,23 +4,25 @@ use crate::element::Element;
 use crate::error::shape_str;
 
 /// The values of one state-dict entry. Loading casts between the two kinds, as PyTorch's
-/// `copy_` does.
+/// `copy_` does. Floats are held in f64, which holds every f16, bf16, f32 and f64 value exactly,
+/// so a float `num_batches_tracked` of 16777217 is not rounded through float32 on its way in.
 #[derive(Clone, Debug, PartialEq)]
-pub enum StateValues<T> {
-    Float(Vec<T>),
+pub enum StateValues {
+    Float(Vec<f64>),
     Int(Vec<i64>),
 }
 
 /// One state-dict entry: a shape and its values in C order.
 #[derive(Clone, Debug, PartialEq)]
-pub struct StateTensor<T> {
+pub struct StateTensor {
     pub shape: Vec<usize>,
-    pub values: StateValues<T>,
+    pub values: StateValues,
 }
 
-impl<T: Element> StateTensor<T> {
-    pub fn float(values: Vec<T>) -> Self {
-        StateTensor { shape: vec![values.len()], values: StateValues::Float(values) }
+impl StateTensor {
+    /// A (C,) float tensor holding `values`.
+    pub fn float<T: Element>(values: &[T]) -> Self {
+        StateTensor { shape: vec![values.len()], values: StateValues::Float(values.iter().map(|v| v.to_f64()).collect()) }
     }
 
     /// A 0-dimensional int64 tensor, like `num_batches_tracked`.
@@ -35,16 +37,19 @@ impl<T: Element> StateTensor<T> {
         }
     }
 
-    pub(crate) fn to_floats(&self) -> Vec<T> {
+    /// The values cast to `T`, written into `target` (of the same length).
+    pub(crate) fn cast_into<T: Element>(&self, target: &mut [T]) {
         match &self.values {
-            StateValues::Float(v) => v.clone(),
-            StateValues::Int(v) => v.iter().map(|&i| T::from_f64(i as f64)).collect(),
+            StateValues::Float(v) => target.iter_mut().zip(v).for_each(|(t, &x)| *t = T::from_f64(x)),
+            StateValues::Int(v) => target.iter_mut().zip(v).for_each(|(t, &i)| *t = T::from_f64(i as f64)),
         }
     }
 
+    /// The first value as an integer, truncated toward zero as PyTorch's `copy_` into int64 does
+    /// (saturating at the int64 range; NaN gives 0).
     pub(crate) fn first_int(&self) -> Option<i64> {
         match &self.values {
-            StateValues::Float(v) => v.first().map(|x| x.to_f64() as i64),
+            StateValues::Float(v) => v.first().map(|&x| x as i64),
             StateValues::Int(v) => v.first().copied(),
         }
     }

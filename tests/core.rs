@@ -210,7 +210,7 @@ fn num_features_zero_is_rejected() {
 fn state_dict_round_trip_and_strict_errors() {
     let mut a = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
     a.buffer_mut(Buffer::Weight).unwrap().copy_from_slice(&[1.0, 2.0, 3.0]);
-    let entries: Vec<(String, StateTensor<f32>)> =
+    let entries: Vec<(String, StateTensor)> =
         a.state_dict().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let mut b = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
     assert_eq!(b.load_state_dict(&entries, true).unwrap(), Default::default());
@@ -218,14 +218,14 @@ fn state_dict_round_trip_and_strict_errors() {
 
     let mut partial = entries.clone();
     partial.retain(|(k, _)| k != "bias");
-    partial.push(("extra".into(), StateTensor::float(vec![0.0])));
+    partial.push(("extra".into(), StateTensor::float(&[0.0f32])));
     let err = b.load_state_dict(&partial, true).unwrap_err().to_string();
     assert!(err.contains("\"bias\"") && err.contains("\"extra\""), "{err}");
     let report = b.load_state_dict(&partial, false).unwrap();
     assert_eq!((report.missing_keys, report.unexpected_keys), (vec!["bias".to_string()], vec!["extra".to_string()]));
 
     let mut wrong = entries;
-    wrong[0].1 = StateTensor::float(vec![9.0; 4]);
+    wrong[0].1 = StateTensor::float(&[9.0f32; 4]);
     let err = b.load_state_dict(&wrong, false).unwrap_err().to_string();
     assert!(err.contains("weight") && err.contains("(4,)") && err.contains("(3,)"), "{err}");
     assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));

@@ -221,7 +221,10 @@ impl<T: Element, S: Simd> MomentsAccumulator<T, S> {
             return;
         }
         let mean = self.shift.to_f64() + sum_d / count;
-        let window = Moments { count, mean, m2: (sum_d2 - sum_d * sum_d / count).max(0.0) };
+        // Rounding can leave the sum of squared deviations a hair below zero; clamp it, but let a
+        // NaN through (f64::max would drop it): NaN in a batch must reach the statistics.
+        let m2 = sum_d2 - sum_d * sum_d / count;
+        let window = Moments { count, mean, m2: if m2 < 0.0 { 0.0 } else { m2 } };
         self.done = self.done.merge(window);
         self.shift = T::from_f64(self.done.mean);
     }

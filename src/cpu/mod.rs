@@ -22,8 +22,9 @@ pub(crate) mod simd;
 
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Once, OnceLock};
 
 use rayon::ThreadPool;
 
@@ -37,7 +38,7 @@ use simd::{PartTask, SimdLevel};
 /// size of the gather buffer for strided inputs.
 const BLOCK: usize = 2048;
 /// Below this many bytes of input a call runs on the calling thread: waking a worker costs tens
-/// of microseconds, more than a second thread saves on less.
+/// of microseconds, more than a second thread saves on less ([`Tuning::sequential_below_bytes`]).
 const SEQUENTIAL_BELOW_BYTES: usize = 2 << 20;
 /// A two-pass part groups enough channels that each image contributes a contiguous run of at
 /// least this many bytes (long enough for the hardware prefetchers), while the group stays small
@@ -51,6 +52,88 @@ const IMAGE_MAJOR_BELOW_BYTES: usize = 4 << 10;
 const MIN_PART_VALUES: usize = 1 << 14;
 /// Aim for this many parts per thread so uneven work still balances.
 const PARTS_PER_THREAD: usize = 4;
+
+/// The size thresholds the planner works with. The defaults suit the machines measured (see the
+/// README); tests lower them to run every plan on small shapes, and `BATCHNORM_SEQUENTIAL_BELOW_BYTES`
+/// and `BATCHNORM_STREAM_AT_BYTES` set them for a whole process. They change speed, never results'
+/// correctness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Calls reading fewer bytes than this run on the calling thread alone.
+    pub sequential_below_bytes: usize,
+    /// Outputs of at least this many bytes (with planes of at least 4 KiB) are written with
+    /// non-temporal stores.
+    pub stream_at_bytes: usize,
+}
+
+static SEQUENTIAL_BELOW: AtomicUsize = AtomicUsize::new(SEQUENTIAL_BELOW_BYTES);
+static STREAM_AT: AtomicUsize = AtomicUsize::new(STREAM_AT_BYTES);
+static FROM_ENVIRONMENT: Once = Once::new();
+
+impl Tuning {
+    /// The thresholds in use.
+    pub fn get() -> Tuning {
+        FROM_ENVIRONMENT.call_once(|| {
+            let read = |name: &str, into: &AtomicUsize| {
+                if let Some(value) = std::env::var(name).ok().and_then(|v| v.trim().parse().ok()) {
+                    into.store(value, Ordering::Relaxed);
+                }
+            };
+            read("BATCHNORM_SEQUENTIAL_BELOW_BYTES", &SEQUENTIAL_BELOW);
+            read("BATCHNORM_STREAM_AT_BYTES", &STREAM_AT);
+        });
+        Tuning {
+            sequential_below_bytes: SEQUENTIAL_BELOW.load(Ordering::Relaxed),
+            stream_at_bytes: STREAM_AT.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Uses `self` for every call that starts from now on, in every thread.
+    pub fn set(self) {
+        Tuning::get();
+        SEQUENTIAL_BELOW.store(self.sequential_below_bytes, Ordering::Relaxed);
+        STREAM_AT.store(self.stream_at_bytes, Ordering::Relaxed);
+    }
+
+    /// The built-in defaults.
+    pub const DEFAULT: Tuning =
+        Tuning { sequential_below_bytes: SEQUENTIAL_BELOW_BYTES, stream_at_bytes: STREAM_AT_BYTES };
+}
+
+/// How a call's work was split (see [`last_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanKind {
+    /// Everything on the calling thread, in one part.
+    Sequential,
+    /// Contiguous image-major stretches (eval, and two-pass work on tiny planes).
+    ImageMajor,
+    /// Groups of whole channels, both passes by one task.
+    ChannelGroups,
+    /// Slices of channels, their partial statistics merged between the passes.
+    SplitChannels,
+}
+
+/// What the most recent CPU call on this thread did: for tests and for explaining timings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanReport {
+    pub kind: PlanKind,
+    /// Threads that took parts, the caller included.
+    pub threads: usize,
+    pub parts: usize,
+    /// Whether the output was written with non-temporal stores.
+    pub streaming: bool,
+}
+
+thread_local! {
+    static LAST_PLAN: Cell<Option<PlanReport>> = const { Cell::new(None) };
+}
+
+/// The plan of the most recent CPU kernel call made from this thread (`None` before any). A
+/// layer call may make more than one kernel call (a backward without saved statistics computes
+/// them first); this is the last.
+pub fn last_plan() -> Option<PlanReport> {
+    LAST_PLAN.with(Cell::get)
+}
 
 /// How many times a call reads its inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,9 +166,14 @@ impl Plan {
     /// contiguous image-major parts; two-pass work goes by channel groups.
     pub fn new(shape: Shape, bytes_per_value: usize, passes: Passes, level: SimdLevel) -> Result<Plan> {
         let (c, per_channel) = (shape.c, shape.values_per_channel());
+        let bytes = shape.numel().saturating_mul(bytes_per_value);
         let (pool, threads) =
-            if shape.numel() * bytes_per_value < SEQUENTIAL_BELOW_BYTES { (None, 1) } else { threads::pool()? };
+            if bytes < Tuning::get().sequential_below_bytes { (None, 1) } else { threads::pool()? };
+        let report = |kind, parts| {
+            LAST_PLAN.with(|last| last.set(Some(PlanReport { kind, threads, parts, streaming: false })))
+        };
         let Some(pool) = pool else {
+            report(PlanKind::Sequential, 1);
             let everything = vec![Part { channels: 0..c, range: 0..per_channel }];
             return Ok(Plan { parts: everything, channels: c, whole_channels: true, pool: None, level });
         };
@@ -97,6 +185,12 @@ impl Plan {
             Passes::Two => Self::channel_groups(shape, bytes_per_value, wanted),
         };
         let whole_channels = parts.iter().all(|p| p.range.len() == per_channel);
+        let kind = match (passes, tiny_planes, whole_channels) {
+            (Passes::Two, false, true) => PlanKind::ChannelGroups,
+            (Passes::Two, false, false) => PlanKind::SplitChannels,
+            _ => PlanKind::ImageMajor,
+        };
+        report(kind, parts.len());
         Ok(Plan { parts, channels: c, whole_channels, pool: Some(pool), level })
     }
 
@@ -242,7 +336,11 @@ unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
 impl<'a, T> SharedOut<'a, T> {
     pub fn new(out: &'a mut [T], shape: Shape) -> Self {
         assert_eq!(out.len(), shape.numel(), "output length checked by the caller");
-        let stream = size_of_val(out) >= STREAM_AT_BYTES && shape.plane() * size_of::<T>() >= IMAGE_MAJOR_BELOW_BYTES;
+        let stream = size_of_val(out) >= Tuning::get().stream_at_bytes
+            && shape.plane() * size_of::<T>() >= IMAGE_MAJOR_BELOW_BYTES;
+        if stream {
+            LAST_PLAN.with(|last| last.set(last.get().map(|report| PlanReport { streaming: true, ..report })));
+        }
         SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, stream, _borrow: PhantomData }
     }
 

@@ -217,7 +217,9 @@ __device__ void statistics(const ForwardArgs& a) {
             }
         }
     }
-    Moments own = n > 0.0 ? Moments{n, shift + s1 / n, fmax(s2 - s1 * (s1 / n), 0.0)} : Moments{};
+    // Clamp rounding below zero, but keep NaN (fmax would drop it): NaN input reaches the statistics.
+    const double m2 = s2 - s1 * (s1 / n);
+    Moments own = n > 0.0 ? Moments{n, shift + s1 / n, m2 < 0.0 ? 0.0 : m2} : Moments{};
     own = block_combine(own);
     Moments* partials = static_cast<Moments*>(a.partials);
     if (!publish_partial(own, partials, a.arrivals, c, split, a.splits)) return;

@@ -58,7 +58,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
         let channels = host.config().num_features;
         let mut buffers: [Option<DeviceBuffer<T>>; 6] = Default::default();
         for (index, which) in ALL_BUFFERS.into_iter().enumerate() {
-            if host.has_buffer(which) {
+            if host.storage(which).is_some() {
                 let values = host.buffer(which).map_or_else(|| vec![T::ZERO; channels], <[T]>::to_vec);
                 buffers[index] = Some(DeviceBuffer::from_host(device, &values)?);
             }

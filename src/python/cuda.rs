@@ -11,7 +11,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::{lock, output, type_name, typed_array, Dtype, Float, Layer, PyBatchNorm2d, Saved};
+use super::{lock, output, type_name, typed_array, Dtype, Float, Layer, PyBatchNorm2d, Saved, Span};
 use crate::cuda::{self, CudaBatchNorm2d, Device, DeviceBuffer, DeviceTensor, Event, Stream};
 use crate::error::{shape_str, Error, Result};
 use crate::Buffer;
@@ -698,7 +698,7 @@ fn through_device<'py, T: Float>(
     run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let host = typed_array::<T>(value, what)?;
-    let target = output::<T>(py, out, host.shape(), &[host.as_untyped()])?;
+    let target = output::<T>(py, out, host.shape(), &[Span::of_array("the input", host.as_untyped())])?;
     let staged = upload(py, device, &host, dtype)?;
     let result = run(staged.as_any())?.call_method0("numpy")?;
     py.import("numpy")?.call_method1("copyto", (&target, result))?;

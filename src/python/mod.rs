@@ -9,7 +9,7 @@ use numpy::{
     dtype, Element as NpElement, PyArray1, PyArrayDescr, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods,
     PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
@@ -35,7 +35,9 @@ impl From<Error> for PyErr {
             }
             // std::io::Error's conversion picks the OSError subclass (FileNotFoundError, ...).
             Error::Io { kind, .. } => std::io::Error::new(kind, message).into(),
+            Error::Memory(_) => PyMemoryError::new_err(message),
             Error::InvalidArgument(_)
+            | Error::Length { .. }
             | Error::Rank { .. }
             | Error::ChannelMismatch { .. }
             | Error::ShapeMismatch { .. }
@@ -67,6 +69,22 @@ fn typed<T: Float>(layer: &mut Layer) -> Result<&mut BatchNorm2d<T>> {
 pub(crate) enum Layer {
     F32(BatchNorm2d<f32>),
     F64(BatchNorm2d<f64>),
+}
+
+impl Layer {
+    /// Copies `other`'s state into this layer's own buffers (see [`BatchNorm2d::copy_state_from`]).
+    fn copy_state_from(&mut self, other: &Layer) -> Result<()> {
+        match (self, other) {
+            (Layer::F32(into), Layer::F32(from)) => into.copy_state_from(from),
+            (Layer::F64(into), Layer::F64(from)) => into.copy_state_from(from),
+            (into, _) => {
+                let dtype = if matches!(into, Layer::F32(_)) { f32::DTYPE } else { f64::DTYPE };
+                Err(Error::InvalidArgument(format!(
+                    "cannot load a state of another dtype into a module of dtype {dtype}"
+                )))
+            }
+        }
+    }
 }
 
 impl Float for f32 {
@@ -152,6 +170,25 @@ impl Dtype {
     }
 }
 
+/// A count from Python (any object with `__index__`: int, bool, NumPy integers) from 1 to `max`.
+/// Out of range is a ValueError that says so, whatever the int's size.
+fn count_argument(value: &Bound<'_, PyAny>, what: &str, max: u64) -> PyResult<usize> {
+    let index = value
+        .call_method0("__index__")
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be an int, got {}", type_name(value))))?;
+    let out_of_range = || -> PyResult<PyErr> {
+        let rule = if index.lt(1)? { "must be a positive integer" } else { "is too large: at most" };
+        let bound = if index.lt(1)? { String::new() } else { format!(" {max}") };
+        Ok(Error::InvalidArgument(format!("{what} {rule}{bound}, got {}", describe(&index))).into())
+    };
+    match index.extract::<u64>() {
+        Ok(count) if (1..=max).contains(&count) => {
+            usize::try_from(count).map_err(|_| PyValueError::new_err(format!("{what} is too large, got {count}")))
+        }
+        _ => Err(out_of_range()?),
+    }
+}
+
 fn describe(value: &Bound<'_, PyAny>) -> String {
     value.repr().map_or_else(|_| "<unprintable>".to_string(), |r| r.to_string())
 }
@@ -197,29 +234,66 @@ fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
     flags(array) & NPY_ARRAY_WRITEABLE != 0
 }
 
-/// Byte range an array's elements occupy, for overlap checks.
-fn byte_span(array: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
-    // SAFETY: reading a field of a live array object.
-    let base = unsafe { (*array.as_array_ptr()).data } as usize;
-    let item = array.dtype().itemsize();
-    if array.len() == 0 {
-        return (base, base);
-    }
-    let (mut low, mut high) = (base as isize, base as isize);
-    for (&dim, &stride) in array.shape().iter().zip(array.strides()) {
-        let reach = (dim as isize - 1) * stride;
-        if reach < 0 {
-            low += reach
-        } else {
-            high += reach
-        }
-    }
-    (low as usize, high as usize + item)
+/// The bytes an array or a module's buffer occupies, named for error messages.
+#[derive(Clone, Debug)]
+struct Span {
+    what: String,
+    start: usize,
+    end: usize,
 }
 
-fn overlaps(a: &Bound<'_, PyUntypedArray>, b: &Bound<'_, PyUntypedArray>) -> bool {
-    let ((a0, a1), (b0, b1)) = (byte_span(a), byte_span(b));
-    a0 < b1 && b0 < a1
+impl Span {
+    fn of_array(what: &str, array: &Bound<'_, PyUntypedArray>) -> Span {
+        // SAFETY: reading a field of a live array object.
+        let base = unsafe { (*array.as_array_ptr()).data } as usize;
+        let item = array.dtype().itemsize();
+        if array.len() == 0 {
+            return Span { what: what.to_string(), start: base, end: base };
+        }
+        let (mut low, mut high) = (base as isize, base as isize);
+        for (&dim, &stride) in array.shape().iter().zip(array.strides()) {
+            let reach = (dim as isize - 1) * stride;
+            if reach < 0 {
+                low += reach
+            } else {
+                high += reach
+            }
+        }
+        Span { what: what.to_string(), start: low as usize, end: high as usize + item }
+    }
+
+    fn of_slice<T>(what: &str, data: &[T]) -> Span {
+        let range = data.as_ptr_range();
+        Span { what: what.to_string(), start: range.start as usize, end: range.end as usize }
+    }
+
+    fn overlaps(&self, other: &Span) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+/// The memory of each of the call's arguments that is a NumPy array.
+fn spans_of(arguments: &[(&str, Option<&Bound<'_, PyAny>>)]) -> Vec<Span> {
+    let arrays = arguments.iter().filter_map(|(what, value)| Some((what, value.as_ref()?.cast::<PyUntypedArray>().ok()?)));
+    arrays.map(|(what, array)| Span::of_array(what, array)).collect()
+}
+
+/// The memory of every array a module holds: no array a call writes may overlap it.
+fn module_spans(layer: &Layer) -> Vec<Span> {
+    with_layer!(layer, l: _T => Buffer::ALL
+        .iter()
+        .filter_map(|&b| l.storage(b).map(|data| Span::of_slice(&format!("the module's {}", b.name()), data)))
+        .collect())
+}
+
+/// `array` itself, or a copy of it when it shares memory with any of `spans` (memory the call
+/// writes): the kernels then never read what they write.
+fn detached<'py, T: Float>(array: Bound<'py, PyArrayDyn<T>>, spans: &[Span]) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let span = Span::of_array("", array.as_untyped());
+    if !spans.iter().any(|s| s.overlaps(&span)) {
+        return Ok(array);
+    }
+    Ok(array.call_method0("copy")?.cast_into::<PyArrayDyn<T>>()?)
 }
 
 /// The (N, C, H, W) view of a 3D or 4D array, borrowed for as long as the array is.
@@ -251,11 +325,12 @@ fn tensor_ref<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, what: &'static 
 }
 
 /// Where a result goes: a fresh C-contiguous array, or the caller's `out=` after checking it.
+/// `others` is the memory of every other array of the call, which `out` must not overlap.
 fn output<'py, T: Float>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
     dims: &[usize],
-    inputs: &[&Bound<'py, PyUntypedArray>],
+    others: &[Span],
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
         // Through numpy.empty, so an impossible size raises NumPy's MemoryError.
@@ -269,8 +344,8 @@ fn output<'py, T: Float>(
         Some(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()))
     } else if !is_writeable(array.as_untyped()) {
         Some(Error::BadOutput("out must be writeable, got a read-only array".into()))
-    } else if inputs.iter().any(|input| overlaps(array.as_untyped(), input)) {
-        Some(Error::BadOutput("out must not share memory with an input".into()))
+    } else if let Some(other) = others.iter().find(|other| other.overlaps(&Span::of_array("out", array.as_untyped()))) {
+        Some(Error::BadOutput(format!("out must not share memory with {}", other.what)))
     } else {
         None
     };
@@ -356,15 +431,19 @@ impl PyBatchNorm2d {
     ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
         let py = slf.py();
         let this = slf.get();
-        let x = readable(typed_array::<T>(input, "input")?)?;
+        let buffers = module_spans(&lock(py, &this.layer).host);
+        let x = detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?;
         let view = tensor_ref(&x, "input")?;
-        let y = output::<T>(py, out, x.shape(), &[x.as_untyped()])?;
+        let others: Vec<Span> = buffers.into_iter().chain([Span::of_array("the input", x.as_untyped())]).collect();
+        let y = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `y` comes from `output` and nothing else refers to it yet.
         let y_data = unsafe { out_slice(&y)? };
-        let stats = py.detach(|| {
-            let mut state = this.layer.lock().unwrap_or_else(|p| p.into_inner());
-            typed::<T>(&mut state.host)?.forward(&view, y_data)
-        })?;
+        let stats = py
+            .detach(|| {
+                let mut state = this.layer.lock().unwrap_or_else(|p| p.into_inner());
+                typed::<T>(&mut state.host)?.forward(&view, y_data)
+            })
+            .map_err(|e| e.with_input_dims(x.shape()))?;
         *lock(py, &this.saved) = Some(Saved::Host { stats, input: x.into_any().unbind() });
         Ok(y)
     }
@@ -383,7 +462,8 @@ impl PyBatchNorm2d {
             None => return Err(Error::NoForward.into()),
         };
         let x = input.into_bound(py).cast_into::<PyArrayDyn<T>>()?;
-        let dy = readable(typed_array::<T>(grad_output, "grad_output")?)?;
+        let buffers = module_spans(&lock(py, &this.layer).host);
+        let dy = detached(readable(typed_array::<T>(grad_output, "grad_output")?)?, &buffers)?;
         if dy.shape() != x.shape() {
             return Err(Error::ShapeMismatch {
                 what: "grad_output (the forward output's shape)".into(),
@@ -393,7 +473,9 @@ impl PyBatchNorm2d {
             .into());
         }
         let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
-        let dx = output::<T>(py, out, x.shape(), &[x.as_untyped(), dy.as_untyped()])?;
+        let inputs = [Span::of_array("the forward's input", x.as_untyped()), Span::of_array("grad_output", dy.as_untyped())];
+        let others: Vec<Span> = buffers.into_iter().chain(inputs).collect();
+        let dx = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
         let dx_data = unsafe { out_slice(&dx)? };
         py.detach(|| {
@@ -452,16 +534,7 @@ fn parse_overrides(
     for (key, value) in kwargs.iter() {
         let key: String = key.extract()?;
         match key.as_str() {
-            "num_features" => {
-                let count: i64 = value.extract()?;
-                if count <= 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "num_features must be a positive integer, got {count}"
-                    ))
-                    .into());
-                }
-                overrides.num_features = Some(count as usize);
-            }
+            "num_features" => overrides.num_features = Some(count_argument(&value, "num_features", i64::MAX as u64)?),
             "eps" => overrides.eps = Some(value.extract()?),
             "momentum" => overrides.momentum = Some(value.extract()?),
             "affine" => overrides.affine = Some(value.extract()?),
@@ -579,8 +652,9 @@ fn instantiate<'py>(
     kwargs.set_item("dtype", dtype.name())?;
     kwargs.set_item("bias", config.bias)?;
     let module = cls.call_method("__new__", (cls, config.num_features), Some(&kwargs))?.cast_into::<PyBatchNorm2d>()?;
-    // Nothing can hold a view of the fresh module's buffers yet, so replacing them is safe.
-    *lock(py, &module.get().layer) = State::new(layer);
+    // A subclass's __new__ may already have handed out views of the fresh module's buffers, so
+    // the state is copied into them: memory a view can reach is never freed.
+    lock(py, &module.get().layer).edit_host(|host| Ok(host.copy_state_from(&layer)?))?;
     module.get().move_to(py, placement)?;
     Ok(module)
 }
@@ -631,15 +705,10 @@ impl PyBatchNorm2d {
         dtype: Option<&Bound<'_, PyAny>>,
         bias: bool,
     ) -> PyResult<Self> {
-        let count: i64 = num_features.extract().map_err(|_| {
-            PyTypeError::new_err(format!("num_features must be an int, got {}", type_name(num_features)))
-        })?;
-        if count <= 0 {
-            return Err(Error::InvalidArgument(format!("num_features must be a positive integer, got {count}")).into());
-        }
+        let num_features = count_argument(num_features, "num_features", i64::MAX as u64)?;
         let placement = parse_device(device)?;
         let dtype = Dtype::parse(py, dtype)?;
-        let config = Config { num_features: count as usize, eps, momentum, affine, bias, track_running_stats };
+        let config = Config { num_features, eps, momentum, affine, bias, track_running_stats };
         let layer = match dtype {
             Dtype::F32 => Layer::F32(BatchNorm2d::new(config.clone())?),
             Dtype::F64 => Layer::F64(BatchNorm2d::new(config.clone())?),
@@ -778,7 +847,7 @@ impl PyBatchNorm2d {
                 Dtype::F64 => cuda::forward::<f64>(slf, input, out, stream),
             };
         }
-        check_on_host(input, "input", stream)?;
+        let input = &host_input(input, "input", stream)?;
         match this.dtype {
             Dtype::F32 => Self::forward_typed::<f32>(slf, input, out).map(Bound::into_any),
             Dtype::F64 => Self::forward_typed::<f64>(slf, input, out).map(Bound::into_any),
@@ -812,7 +881,7 @@ impl PyBatchNorm2d {
                 Dtype::F64 => cuda::backward::<f64>(slf, grad_output, out, stream),
             };
         }
-        check_on_host(grad_output, "grad_output", stream)?;
+        let grad_output = &host_input(grad_output, "grad_output", stream)?;
         match this.dtype {
             Dtype::F32 => Self::backward_typed::<f32>(slf, grad_output, out).map(Bound::into_any),
             Dtype::F64 => Self::backward_typed::<f64>(slf, grad_output, out).map(Bound::into_any),
@@ -861,7 +930,7 @@ impl PyBatchNorm2d {
         lock(py, &self.layer).read_host(|host| -> PyResult<()> {
             with_layer!(host, l: _T => {
                 for (key, tensor) in l.state_dict() {
-                    dict.set_item(key, state_array(py, tensor)?)?;
+                    dict.set_item(key, state_array::<_T>(py, tensor)?)?;
                 }
             });
             Ok(())
@@ -878,16 +947,9 @@ impl PyBatchNorm2d {
         strict: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         // The mapping is read before locking: reading it runs arbitrary Python code.
-        let report = match self.dtype {
-            Dtype::F32 => {
-                let entries = state_entries::<f32>(state_dict, "")?;
-                lock(py, &self.layer).edit_host(|host| Ok(typed::<f32>(host)?.load_state_dict(&entries, strict)?))?
-            }
-            Dtype::F64 => {
-                let entries = state_entries::<f64>(state_dict, "")?;
-                lock(py, &self.layer).edit_host(|host| Ok(typed::<f64>(host)?.load_state_dict(&entries, strict)?))?
-            }
-        };
+        let (entries, _) = state_entries(state_dict, "")?;
+        let report = lock(py, &self.layer)
+            .edit_host(|host| with_layer!(host, l: _T => Ok(l.load_state_dict(&entries, strict)?)))?;
         PyTuple::new(py, [PyList::new(py, report.missing_keys)?, PyList::new(py, report.unexpected_keys)?])
     }
 
@@ -923,22 +985,12 @@ impl PyBatchNorm2d {
         config: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
         let (overrides, dtype, placement) = parse_overrides(cls.py(), config)?;
-        let dtype = match dtype {
-            Some(dtype) => dtype,
-            None => mapping_float_dtype(state_dict, prefix)?,
-        };
-        fn build<T: Float>(
-            mapping: &Bound<'_, PyAny>,
-            prefix: &str,
-            overrides: &ConfigOverrides,
-        ) -> PyResult<BatchNorm2d<T>> {
-            let entries = state_entries::<T>(mapping, prefix)?;
-            Ok(BatchNorm2d::from_state(Config::infer(&entries)?.with(overrides), &entries)?)
-        }
+        let (entries, found) = state_entries(state_dict, prefix)?;
+        let config = Config::infer(&entries)?.with(&overrides);
         let layer = build_layer(
-            dtype,
-            || build::<f32>(state_dict, prefix, &overrides),
-            || build::<f64>(state_dict, prefix, &overrides),
+            dtype.unwrap_or(found),
+            || Ok(BatchNorm2d::from_state(config.clone(), &entries)?),
+            || Ok(BatchNorm2d::from_state(config.clone(), &entries)?),
         )?;
         instantiate(cls, layer, placement)
     }
@@ -983,12 +1035,34 @@ fn py_bool(value: bool) -> &'static str {
     }
 }
 
-/// A module on the CPU takes NumPy arrays and no stream: a GPU array or a stream is a mistake
-/// worth naming (the module has to move first).
-fn check_on_host(value: &Bound<'_, PyAny>, what: &str, stream: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-    let on_gpu = value.cast::<PyUntypedArray>().is_err()
-        && (value.hasattr("__cuda_array_interface__")? || value.hasattr("__dlpack_device__")?);
-    if on_gpu {
+/// DLPack's device types for memory the CPU reads: kDLCPU, kDLCUDAHost, kDLROCMHost, kDLCUDAManaged.
+const DLPACK_HOST_DEVICES: [i64; 4] = [1, 3, 11, 13];
+
+/// What a module on the CPU reads `value` as: a NumPy array as it is; any other array that speaks
+/// DLPack from host memory (a CPU torch.Tensor, a JAX CPU array) as a NumPy view of the same
+/// memory, without a copy. A GPU array or a stream is a mistake worth naming: the module has to
+/// move first.
+fn host_input<'py>(value: &Bound<'py, PyAny>, what: &str, stream: Option<&Bound<'_, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    if stream.is_some_and(|s| !s.is_none()) {
+        return Err(
+            Error::InvalidArgument("stream= applies to modules on a GPU; this module is on the cpu".into()).into()
+        );
+    }
+    if value.cast::<PyUntypedArray>().is_ok() {
+        return Ok(value.clone());
+    }
+    if value.hasattr("__dlpack_device__")? {
+        let (device, _): (i64, i64) = value.call_method0("__dlpack_device__")?.extract()?;
+        if DLPACK_HOST_DEVICES.contains(&device) {
+            return value.py().import("numpy")?.call_method1("from_dlpack", (value,)).map_err(|e| {
+                PyTypeError::new_err(format!(
+                    "cannot read {what} ({}) in place through DLPack: {e}; pass a NumPy array",
+                    type_name(value)
+                ))
+            });
+        }
+    }
+    if value.hasattr("__cuda_array_interface__")? || value.hasattr("__dlpack_device__")? {
         return Err(Error::InvalidArgument(format!(
             "expected {what} on the module's device (cpu), got a GPU array ({}); move the module with .to('cuda') \
              or the array to the host",
@@ -996,12 +1070,7 @@ fn check_on_host(value: &Bound<'_, PyAny>, what: &str, stream: Option<&Bound<'_,
         ))
         .into());
     }
-    if stream.is_some_and(|s| !s.is_none()) {
-        return Err(
-            Error::InvalidArgument("stream= applies to modules on a GPU; this module is on the cpu".into()).into()
-        );
-    }
-    Ok(())
+    Ok(value.clone())
 }
 
 /// "cpu", "cuda", "cuda:N", or anything whose str() is one of those (a torch.device).
@@ -1055,9 +1124,10 @@ impl PyBatchNorm2d {
                 Placement::Cpu => None,
             };
             if let Some(previous) = state.gpu.take() {
+                // Back into the host layer's own buffers, which NumPy views may reach; the GPU
+                // layer is kept because DeviceArray views of its buffers may be alive.
                 let host = previous.to_host()?;
-                let stale = std::mem::replace(&mut state.host, host);
-                state.retired.push(Box::new(stale));
+                state.host.copy_state_from(&host)?;
                 state.retired.push(Box::new(previous));
             }
             state.gpu = gpu;
@@ -1074,23 +1144,28 @@ impl PyBatchNorm2d {
     }
 }
 
-fn state_array<T: Float>(py: Python<'_>, tensor: StateTensor<T>) -> PyResult<Bound<'_, PyAny>> {
+/// A state-dict entry as a NumPy array: floats in the module's dtype `T`, integers as int64.
+fn state_array<T: Float>(py: Python<'_>, tensor: StateTensor) -> PyResult<Bound<'_, PyAny>> {
     let shape = tensor.shape.clone();
     Ok(match tensor.values {
-        StateValues::Float(values) => PyArray1::from_vec(py, values).reshape(shape)?.into_any(),
+        StateValues::Float(values) => {
+            PyArray1::from_vec(py, values.into_iter().map(T::from_f64).collect()).reshape(shape)?.into_any()
+        }
         StateValues::Int(values) => PyArray1::from_vec(py, values).reshape(shape)?.into_any(),
     })
 }
 
-/// Reads any mapping of array-likes into state-dict entries: floating values are cast to the
-/// module's dtype and integer or boolean values kept as int64, as PyTorch's `copy_` would.
-fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult<Vec<(String, StateTensor<T>)>> {
+/// Reads any mapping of array-likes into state-dict entries, with the dtype of its float values
+/// (float64 when any is, else float32): floats are kept exactly (as f64) until they are cast to
+/// the module's dtype, and integer or boolean values are kept as int64, as PyTorch's `copy_` would.
+fn state_entries(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult<(Vec<(String, StateTensor)>, Dtype)> {
     let py = mapping.py();
     let numpy = py.import("numpy")?;
     let keys = mapping.call_method0("keys").map_err(|_| {
         PyTypeError::new_err(format!("state_dict must be a mapping of names to arrays, got {}", type_name(mapping)))
     })?;
     let mut entries = Vec::new();
+    let mut float_dtype = Dtype::F32;
     for key in keys.try_iter()? {
         let key = key?;
         let name: String = key
@@ -1098,10 +1173,21 @@ fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult
             .map_err(|_| PyTypeError::new_err(format!("state_dict keys must be strings, got {}", type_name(&key))))?;
         let Some(name) = name.strip_prefix(prefix).map(str::to_string) else { continue };
         let value = numpy.call_method1("asarray", (mapping.get_item(&key)?,))?.cast_into::<PyUntypedArray>()?;
-        let kind = value.dtype().kind();
         let shape = value.shape().to_vec();
-        let values = match kind {
-            b'f' => StateValues::Float(collect::<T>(&value.call_method1("astype", (dtype::<T>(py),))?)?),
+        let values = match value.dtype().kind() {
+            b'f' => {
+                if value.dtype().is_equiv_to(&dtype::<f64>(py)) {
+                    float_dtype = Dtype::F64;
+                }
+                StateValues::Float(collect::<f64>(&value.call_method1("astype", (dtype::<f64>(py),))?)?)
+            }
+            b'u' if value.dtype().itemsize() == 8 => {
+                let wide = collect::<u64>(&value.call_method1("astype", (dtype::<u64>(py),))?)?;
+                let narrowed: Option<Vec<i64>> = wide.iter().map(|&v| i64::try_from(v).ok()).collect();
+                StateValues::Int(narrowed.ok_or_else(|| {
+                    Error::StateDict(format!("state_dict[{name:?}] holds a uint64 value above the int64 maximum"))
+                })?)
+            }
             b'i' | b'u' | b'b' => {
                 StateValues::Int(collect::<i64>(&value.call_method1("astype", (dtype::<i64>(py),))?)?)
             }
@@ -1116,7 +1202,7 @@ fn state_entries<T: Float>(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult
         };
         entries.push((name, StateTensor { shape, values }));
     }
-    Ok(entries)
+    Ok((entries, float_dtype))
 }
 
 fn collect<T: NpElement + Copy>(array: &Bound<'_, PyAny>) -> PyResult<Vec<T>> {
@@ -1189,7 +1275,14 @@ fn batch_norm_typed<'py, T: Float>(
         require_writeable(running_mean, "running_mean")?;
         require_writeable(running_var, "running_var")?;
     }
-    let y = output::<T>(py, out, x.shape(), &[x.as_untyped()])?;
+    let others = spans_of(&[
+        ("the input", Some(x.as_any())),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ]);
+    let y = output::<T>(py, out, x.shape(), &others)?;
     // SAFETY: `y` comes from `output` and nothing else refers to it yet.
     let y_data = unsafe { out_slice(&y)? };
     py.detach(|| {
@@ -1231,6 +1324,7 @@ fn batch_norm<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let running_mean = running_mean.filter(|v| !v.is_none());
     let running_var = running_var.filter(|v| !v.is_none());
+    let input = &host_input(input, "input", None)?;
     match input_dtype(input)? {
         Dtype::F32 => {
             batch_norm_typed::<f32>(input, running_mean, running_var, weight, bias, training, momentum, eps, out)
@@ -1268,7 +1362,14 @@ fn batch_norm_backward_typed<'py, T: Float>(
     let mean = param_vec::<T>(running_mean, "running_mean", shape.c)?;
     let var = param_vec::<T>(running_var, "running_var", shape.c)?;
     let w = param_vec::<T>(weight, "weight", shape.c)?;
-    let dx = output::<T>(py, out, x.shape(), &[x.as_untyped(), dy.as_untyped()])?;
+    let others = spans_of(&[
+        ("the input", Some(x.as_any())),
+        ("grad_output", Some(dy.as_any())),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+    ]);
+    let dx = output::<T>(py, out, x.shape(), &others)?;
     // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
     let dx_data = unsafe { out_slice(&dx)? };
     let grads = py.detach(|| {
@@ -1309,6 +1410,7 @@ fn batch_norm_backward<'py>(
     eps: f64,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let (input, grad_output) = (&host_input(input, "input", None)?, &host_input(grad_output, "grad_output", None)?);
     match input_dtype(input)? {
         Dtype::F32 => {
             batch_norm_backward_typed::<f32>(grad_output, input, running_mean, running_var, weight, training, eps, out)
@@ -1317,24 +1419,6 @@ fn batch_norm_backward<'py>(
             batch_norm_backward_typed::<f64>(grad_output, input, running_mean, running_var, weight, training, eps, out)
         }
     }
-}
-
-/// float64 when any floating value under `prefix` is float64, else float32.
-fn mapping_float_dtype(mapping: &Bound<'_, PyAny>, prefix: &str) -> PyResult<Dtype> {
-    let numpy = mapping.py().import("numpy")?;
-    let keys = mapping.call_method0("keys").map_err(|_| {
-        PyTypeError::new_err(format!("state_dict must be a mapping of names to arrays, got {}", type_name(mapping)))
-    })?;
-    for key in keys.try_iter()? {
-        let key = key?;
-        if key.extract::<String>().is_ok_and(|k| k.starts_with(prefix)) {
-            let value = numpy.call_method1("asarray", (mapping.get_item(&key)?,))?.cast_into::<PyUntypedArray>()?;
-            if value.dtype().is_equiv_to(&dtype::<f64>(mapping.py())) {
-                return Ok(Dtype::F64);
-            }
-        }
-    }
-    Ok(Dtype::F32)
 }
 
 /// File dtypes and the little-endian NumPy dtype strings they correspond to, read both ways.
@@ -1370,7 +1454,9 @@ fn save_file(
     let mut file = TensorFile { tensors: Vec::new(), metadata: metadata.unwrap_or_default() };
     for item in items.try_iter()? {
         let (name, value): (String, Bound<'_, PyAny>) = item?.extract()?;
-        let array = numpy.call_method1("ascontiguousarray", (value,))?.cast_into::<PyUntypedArray>()?;
+        // asarray, not ascontiguousarray, which turns a 0-d array into shape (1,); tobytes()
+        // below writes C order whatever the layout.
+        let array = numpy.call_method1("asarray", (value,))?.cast_into::<PyUntypedArray>()?;
         let little_endian = array.dtype().call_method1("newbyteorder", ("<",))?;
         let name_of_dtype: String = little_endian.getattr("str")?.extract()?;
         let Some(&(dtype, _)) = NUMPY_DTYPES.iter().find(|(_, numpy_name)| *numpy_name == name_of_dtype) else {
@@ -1413,15 +1499,12 @@ fn load_file<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>
     Ok(result)
 }
 
-/// set_num_threads(n): how many threads the kernels use (default: every core).
+/// set_num_threads(n): how many threads the kernels use (default: every core), from 1 to
+/// 1024 (or 64 per core on larger machines).
 #[pyfunction]
-fn set_num_threads(threads: i64) -> PyResult<()> {
-    if threads <= 0 {
-        return Err(
-            Error::InvalidArgument(format!("number of threads must be a positive integer, got {threads}")).into()
-        );
-    }
-    Ok(crate::set_num_threads(threads as usize)?)
+fn set_num_threads(threads: &Bound<'_, PyAny>) -> PyResult<()> {
+    let threads = count_argument(threads, "number of threads", crate::threads::max_threads() as u64)?;
+    Ok(crate::set_num_threads(threads)?)
 }
 
 /// simd_level(): the instruction set the kernels run with ("avx512", "avx2", "neon" or "scalar").
