@@ -48,7 +48,9 @@ impl Error {
     /// (an unbatched (C, H, W) input is computed on as (1, C, H, W)).
     pub fn with_input_dims(self, dims: &[usize]) -> Error {
         match self {
-            Error::ChannelMismatch { expected, got, .. } => Error::ChannelMismatch { expected, got, shape: dims.to_vec() },
+            Error::ChannelMismatch { expected, got, .. } => {
+                Error::ChannelMismatch { expected, got, shape: dims.to_vec() }
+            }
             Error::TooFewValues { .. } => Error::TooFewValues { shape: dims.to_vec() },
             other => other,
         }

@@ -108,7 +108,9 @@ fn check_output(shape: Shape, len: usize) -> Result<()> {
 /// divide by zero), by running statistics eps ≥ 0. As in PyTorch, NaN and infinity pass.
 pub fn check_eps(eps: f64, batch_stats: bool) -> Result<()> {
     if batch_stats && eps <= 0.0 {
-        return Err(Error::InvalidArgument(format!("batch_norm eps must be positive during training, but got {eps:?}")));
+        return Err(Error::InvalidArgument(format!(
+            "batch_norm eps must be positive during training, but got {eps:?}"
+        )));
     }
     if eps < 0.0 {
         return Err(Error::InvalidArgument(format!("batch_norm eps must be non-negative, but got {eps:?}")));

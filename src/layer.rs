@@ -527,8 +527,11 @@ impl<T: Element> BatchNorm2d<T> {
     /// `running_var` in the layer's dtype, `num_batches_tracked` as I64 of shape []), with the
     /// configuration, dtype and training flag in its metadata.
     pub fn to_tensor_file(&self) -> TensorFile {
-        let tensors =
-            self.state_dict().iter().map(|(key, tensor)| (key.to_string(), RawTensor::from_state::<T>(tensor))).collect();
+        let tensors = self
+            .state_dict()
+            .iter()
+            .map(|(key, tensor)| (key.to_string(), RawTensor::from_state::<T>(tensor)))
+            .collect();
         let mut metadata = self.config.to_metadata();
         metadata.insert("format".into(), "pt".into());
         metadata.insert(DTYPE_KEY.into(), T::DTYPE.into());

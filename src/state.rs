@@ -22,7 +22,10 @@ pub struct StateTensor {
 impl StateTensor {
     /// A (C,) float tensor holding `values`.
     pub fn float<T: Element>(values: &[T]) -> Self {
-        StateTensor { shape: vec![values.len()], values: StateValues::Float(values.iter().map(|v| v.to_f64()).collect()) }
+        StateTensor {
+            shape: vec![values.len()],
+            values: StateValues::Float(values.iter().map(|v| v.to_f64()).collect()),
+        }
     }
 
     /// A 0-dimensional int64 tensor, like `num_batches_tracked`.

@@ -172,7 +172,9 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     read_more(&mut file, &mut bytes, 8, path)?;
     let header_length = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
     if header_length > MAX_HEADER_BYTES {
-        return Err(invalid(format!("a header of {header_length} bytes is larger than the {MAX_HEADER_BYTES} allowed")));
+        return Err(invalid(format!(
+            "a header of {header_length} bytes is larger than the {MAX_HEADER_BYTES} allowed"
+        )));
     }
     if 8 + header_length > length {
         return Err(invalid(format!("the header claims {header_length} bytes, but the file holds {length} in all")));

@@ -210,8 +210,7 @@ fn num_features_zero_is_rejected() {
 fn state_dict_round_trip_and_strict_errors() {
     let mut a = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
     a.buffer_mut(Buffer::Weight).unwrap().copy_from_slice(&[1.0, 2.0, 3.0]);
-    let entries: Vec<(String, StateTensor)> =
-        a.state_dict().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let entries: Vec<(String, StateTensor)> = a.state_dict().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let mut b = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
     assert_eq!(b.load_state_dict(&entries, true).unwrap(), Default::default());
     assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));

@@ -20,9 +20,9 @@ pub(crate) mod forward;
 pub(crate) mod kernels;
 pub(crate) mod simd;
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once, OnceLock};
 
@@ -167,11 +167,9 @@ impl Plan {
     pub fn new(shape: Shape, bytes_per_value: usize, passes: Passes, level: SimdLevel) -> Result<Plan> {
         let (c, per_channel) = (shape.c, shape.values_per_channel());
         let bytes = shape.numel().saturating_mul(bytes_per_value);
-        let (pool, threads) =
-            if bytes < Tuning::get().sequential_below_bytes { (None, 1) } else { threads::pool()? };
-        let report = |kind, parts| {
-            LAST_PLAN.with(|last| last.set(Some(PlanReport { kind, threads, parts, streaming: false })))
-        };
+        let (pool, threads) = if bytes < Tuning::get().sequential_below_bytes { (None, 1) } else { threads::pool()? };
+        let report =
+            |kind, parts| LAST_PLAN.with(|last| last.set(Some(PlanReport { kind, threads, parts, streaming: false })));
         let Some(pool) = pool else {
             report(PlanKind::Sequential, 1);
             let everything = vec![Part { channels: 0..c, range: 0..per_channel }];

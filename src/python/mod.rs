@@ -274,7 +274,8 @@ impl Span {
 
 /// The memory of each of the call's arguments that is a NumPy array.
 fn spans_of(arguments: &[(&str, Option<&Bound<'_, PyAny>>)]) -> Vec<Span> {
-    let arrays = arguments.iter().filter_map(|(what, value)| Some((what, value.as_ref()?.cast::<PyUntypedArray>().ok()?)));
+    let arrays =
+        arguments.iter().filter_map(|(what, value)| Some((what, value.as_ref()?.cast::<PyUntypedArray>().ok()?)));
     arrays.map(|(what, array)| Span::of_array(what, array)).collect()
 }
 
@@ -473,7 +474,8 @@ impl PyBatchNorm2d {
             .into());
         }
         let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
-        let inputs = [Span::of_array("the forward's input", x.as_untyped()), Span::of_array("grad_output", dy.as_untyped())];
+        let inputs =
+            [Span::of_array("the forward's input", x.as_untyped()), Span::of_array("grad_output", dy.as_untyped())];
         let others: Vec<Span> = buffers.into_iter().chain(inputs).collect();
         let dx = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
@@ -1042,7 +1044,11 @@ const DLPACK_HOST_DEVICES: [i64; 4] = [1, 3, 11, 13];
 /// DLPack from host memory (a CPU torch.Tensor, a JAX CPU array) as a NumPy view of the same
 /// memory, without a copy. A GPU array or a stream is a mistake worth naming: the module has to
 /// move first.
-fn host_input<'py>(value: &Bound<'py, PyAny>, what: &str, stream: Option<&Bound<'_, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+fn host_input<'py>(
+    value: &Bound<'py, PyAny>,
+    what: &str,
+    stream: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
     if stream.is_some_and(|s| !s.is_none()) {
         return Err(
             Error::InvalidArgument("stream= applies to modules on a GPU; this module is on the cpu".into()).into()
