@@ -292,6 +292,7 @@ impl<T: Element> BatchNorm2d<T> {
     }
     /// The memory of one of the layer's arrays, whether or not it holds a value now (gradients
     /// before a backward): for overlap checks and device copies.
+    #[cfg(any(feature = "python", feature = "cuda"))]
     pub(crate) fn storage(&self, which: Buffer) -> Option<&[T]> {
         match which {
             Buffer::Weight => self.weight.as_deref(),
