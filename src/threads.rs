@@ -73,7 +73,7 @@ pub(crate) fn pool() -> Result<(Option<Arc<ThreadPool>>, usize)> {
 pub fn set_num_threads(threads: usize) -> Result<()> {
     if threads == 0 || threads > max_threads() {
         return Err(Error::InvalidArgument(format!(
-            "number of threads must be an integer from 1 to {}, got {threads}",
+            "number of threads must be a positive integer, at most {}, got {threads}",
             max_threads()
         )));
     }

@@ -176,17 +176,14 @@ fn count_argument(value: &Bound<'_, PyAny>, what: &str, max: u64) -> PyResult<us
     let index = value
         .call_method0("__index__")
         .map_err(|_| PyTypeError::new_err(format!("{what} must be an int, got {}", type_name(value))))?;
-    let out_of_range = || -> PyResult<PyErr> {
-        let rule = if index.lt(1)? { "must be a positive integer" } else { "is too large: at most" };
-        let bound = if index.lt(1)? { String::new() } else { format!(" {max}") };
-        Ok(Error::InvalidArgument(format!("{what} {rule}{bound}, got {}", describe(&index))).into())
-    };
-    match index.extract::<u64>() {
-        Ok(count) if (1..=max).contains(&count) => {
-            usize::try_from(count).map_err(|_| PyValueError::new_err(format!("{what} is too large, got {count}")))
+    if let Some(count) = index.extract::<u64>().ok().filter(|c| (1..=max).contains(c)) {
+        if let Ok(count) = usize::try_from(count) {
+            return Ok(count);
         }
-        _ => Err(out_of_range()?),
     }
+    let rule =
+        if index.lt(1)? { "must be a positive integer".to_string() } else { format!("is too large: at most {max}") };
+    Err(Error::InvalidArgument(format!("{what} {rule}, got {}", describe(&index))).into())
 }
 
 fn describe(value: &Bound<'_, PyAny>) -> String {
@@ -234,37 +231,62 @@ fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
     flags(array) & NPY_ARRAY_WRITEABLE != 0
 }
 
-/// The bytes an array or a module's buffer occupies, named for error messages.
-#[derive(Clone, Debug)]
+/// Whose memory a [`Span`] is, for error messages; named without allocating, since every call
+/// builds these.
+#[derive(Clone, Copy, Debug)]
+enum Owner {
+    Argument(&'static str),
+    Module(Buffer),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Argument(what) => f.write_str(what),
+            Owner::Module(buffer) => write!(f, "the module's {}", buffer.name()),
+        }
+    }
+}
+
+/// The bytes an array or a module's buffer occupies.
+#[derive(Clone, Copy, Debug)]
 struct Span {
-    what: String,
+    owner: Owner,
     start: usize,
     end: usize,
 }
 
+/// The lowest and highest element offsets (in strides' units) a strided array reaches from its
+/// first element.
+fn extent(dims: &[usize], strides: &[isize]) -> (isize, isize) {
+    let (mut low, mut high) = (0, 0);
+    for (&dim, &stride) in dims.iter().zip(strides) {
+        let reach = (dim as isize - 1) * stride;
+        if reach < 0 {
+            low += reach
+        } else {
+            high += reach
+        }
+    }
+    (low, high)
+}
+
 impl Span {
-    fn of_array(what: &str, array: &Bound<'_, PyUntypedArray>) -> Span {
+    fn of_array(what: &'static str, array: &Bound<'_, PyUntypedArray>) -> Span {
         // SAFETY: reading a field of a live array object.
         let base = unsafe { (*array.as_array_ptr()).data } as usize;
-        let item = array.dtype().itemsize();
+        let owner = Owner::Argument(what);
         if array.len() == 0 {
-            return Span { what: what.to_string(), start: base, end: base };
+            return Span { owner, start: base, end: base };
         }
-        let (mut low, mut high) = (base as isize, base as isize);
-        for (&dim, &stride) in array.shape().iter().zip(array.strides()) {
-            let reach = (dim as isize - 1) * stride;
-            if reach < 0 {
-                low += reach
-            } else {
-                high += reach
-            }
-        }
-        Span { what: what.to_string(), start: low as usize, end: high as usize + item }
+        let (low, high) = extent(array.shape(), array.strides());
+        let item = array.dtype().itemsize();
+        Span { owner, start: base.wrapping_add_signed(low), end: base.wrapping_add_signed(high) + item }
     }
 
-    fn of_slice<T>(what: &str, data: &[T]) -> Span {
+    fn of_slice<T>(owner: Owner, data: &[T]) -> Span {
         let range = data.as_ptr_range();
-        Span { what: what.to_string(), start: range.start as usize, end: range.end as usize }
+        Span { owner, start: range.start as usize, end: range.end as usize }
     }
 
     fn overlaps(&self, other: &Span) -> bool {
@@ -273,17 +295,17 @@ impl Span {
 }
 
 /// The memory of each of the call's arguments that is a NumPy array.
-fn spans_of(arguments: &[(&str, Option<&Bound<'_, PyAny>>)]) -> Vec<Span> {
+fn spans_of(arguments: &[(&'static str, Option<&Bound<'_, PyAny>>)]) -> Vec<Span> {
     let arrays =
         arguments.iter().filter_map(|(what, value)| Some((what, value.as_ref()?.cast::<PyUntypedArray>().ok()?)));
-    arrays.map(|(what, array)| Span::of_array(what, array)).collect()
+    arrays.map(|(&what, array)| Span::of_array(what, array)).collect()
 }
 
 /// The memory of every array a module holds: no array a call writes may overlap it.
 fn module_spans(layer: &Layer) -> Vec<Span> {
     with_layer!(layer, l: _T => Buffer::ALL
         .iter()
-        .filter_map(|&b| l.storage(b).map(|data| Span::of_slice(&format!("the module's {}", b.name()), data)))
+        .filter_map(|&b| l.storage(b).map(|data| Span::of_slice(Owner::Module(b), data)))
         .collect())
 }
 
@@ -310,15 +332,7 @@ fn tensor_ref<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, what: &'static 
     if shape.numel() == 0 {
         return TensorRef::strided(&[], 0, shape, strides);
     }
-    let (mut low, mut high) = (0isize, 0isize);
-    for (&dim, &stride) in shape.dims().iter().zip(&strides) {
-        let reach = (dim as isize - 1) * stride;
-        if reach < 0 {
-            low += reach
-        } else {
-            high += reach
-        }
-    }
+    let (low, high) = extent(&shape.dims(), &strides);
     // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
     // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
     let data = unsafe { std::slice::from_raw_parts(array.data().offset(low), (high - low + 1) as usize) };
@@ -339,21 +353,21 @@ fn output<'py, T: Float>(
         return Ok(fresh.cast_into::<PyArrayDyn<T>>()?);
     };
     let array = typed_array::<T>(out, "out")?;
-    let problem = if array.shape() != dims {
-        Some(Error::ShapeMismatch { what: "out".into(), expected: dims.to_vec(), got: array.shape().to_vec() })
-    } else if !array.is_c_contiguous() {
-        Some(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()))
-    } else if !is_writeable(array.as_untyped()) {
-        Some(Error::BadOutput("out must be writeable, got a read-only array".into()))
-    } else if let Some(other) = others.iter().find(|other| other.overlaps(&Span::of_array("out", array.as_untyped()))) {
-        Some(Error::BadOutput(format!("out must not share memory with {}", other.what)))
-    } else {
-        None
-    };
-    match problem {
-        Some(error) => Err(error.into()),
-        None => Ok(array),
+    if array.shape() != dims {
+        let got = array.shape().to_vec();
+        return Err(Error::ShapeMismatch { what: "out".into(), expected: dims.to_vec(), got }.into());
     }
+    if !array.is_c_contiguous() {
+        return Err(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()).into());
+    }
+    if !is_writeable(array.as_untyped()) {
+        return Err(Error::BadOutput("out must be writeable, got a read-only array".into()).into());
+    }
+    let span = Span::of_array("out", array.as_untyped());
+    if let Some(other) = others.iter().find(|other| other.overlaps(&span)) {
+        return Err(Error::BadOutput(format!("out must not share memory with {}", other.owner)).into());
+    }
+    Ok(array)
 }
 
 /// The output's elements as a slice the kernels write.
@@ -1509,7 +1523,8 @@ fn load_file<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>
 /// 1024 (or 64 per core on larger machines).
 #[pyfunction]
 fn set_num_threads(threads: &Bound<'_, PyAny>) -> PyResult<()> {
-    let threads = count_argument(threads, "number of threads", crate::threads::max_threads() as u64)?;
+    // The core checks the upper bound.
+    let threads = count_argument(threads, "number of threads", u64::MAX)?;
     Ok(crate::set_num_threads(threads)?)
 }
 
