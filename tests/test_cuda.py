@@ -264,3 +264,28 @@ def test_matches_torch_on_cuda(rng, momentum):
         np.testing.assert_allclose(host(ours(x)), theirs(x).detach().cpu().numpy(), rtol=1e-4, atol=1e-4)
     for key, value in theirs.state_dict().items():
         np.testing.assert_allclose(ours.state_dict()[key], value.cpu().numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@needs_gpu
+@needs_torch
+def test_a_device_view_outlives_the_move_that_drops_its_layer(rng):
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    view = m.running_var
+    m.to("cpu")
+    m.to("cuda")
+    # The first layer is gone; its buffer lives as long as the view, and writes stay inside it.
+    torch.from_dlpack(view).fill_(7.0)
+    np.testing.assert_array_equal(host(torch.from_dlpack(view)), np.full(3, 7.0, np.float32))
+    np.testing.assert_array_equal(m.state_dict()["running_var"], np.ones(3, np.float32))
+
+
+@needs_gpu
+@needs_torch
+def test_eps_is_checked_on_the_gpu_as_on_the_cpu(rng):
+    x = on_gpu(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
+    m = batchnorm.BatchNorm2d(3, eps=0.0, device="cuda")
+    with pytest.raises(ValueError, match="eps"):
+        m(x)
+    assert m.num_batches_tracked == 0
+    m.eval()
+    m(x)  # eps = 0 is allowed with running statistics, as in PyTorch

@@ -14,7 +14,7 @@ use super::launch::Workspace;
 use super::memory::{DeviceBuffer, DeviceTensor, Event, Stream};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::functional::check_batch_size;
+use crate::functional::{check_batch_size, check_eps};
 use crate::layer::{BatchNorm2d, Buffer};
 use crate::shape::Shape;
 
@@ -32,8 +32,9 @@ struct Forwarded {
 pub struct CudaBatchNorm2d<T: Element> {
     host: BatchNorm2d<T>,
     device: Arc<Device>,
-    /// Indexed like `ALL_BUFFERS`; `None` where the configuration has no such array.
-    buffers: [Option<DeviceBuffer<T>>; 6],
+    /// Indexed like `ALL_BUFFERS`; `None` where the configuration has no such array. Shared with
+    /// the views handed out of each array ([`Self::buffer_owner`]), which may outlive the layer.
+    buffers: [Option<Arc<DeviceBuffer<T>>>; 6],
     workspace: Workspace,
     /// The end of the last work queued on this layer's state, and the stream it went to.
     last_work: Option<(Event, Stream)>,
@@ -56,11 +57,11 @@ impl<T: Element> CudaBatchNorm2d<T> {
     /// The layer `host` (configuration, mode, parameters, buffers, gradients) copied to `device`.
     pub fn new(host: BatchNorm2d<T>, device: &Arc<Device>) -> Result<Self> {
         let channels = host.config().num_features;
-        let mut buffers: [Option<DeviceBuffer<T>>; 6] = Default::default();
+        let mut buffers: [Option<Arc<DeviceBuffer<T>>>; 6] = Default::default();
         for (index, which) in ALL_BUFFERS.into_iter().enumerate() {
             if host.storage(which).is_some() {
                 let values = host.buffer(which).map_or_else(|| vec![T::ZERO; channels], <[T]>::to_vec);
-                buffers[index] = Some(DeviceBuffer::from_host(device, &values)?);
+                buffers[index] = Some(Arc::new(DeviceBuffer::from_host(device, &values)?));
             }
         }
         Ok(CudaBatchNorm2d {
@@ -96,7 +97,15 @@ impl<T: Element> CudaBatchNorm2d<T> {
         if gradient && !self.host.has_grad() {
             return None;
         }
-        self.buffers[slot(which)].as_ref().map(DeviceBuffer::ptr)
+        self.buffers[slot(which)].as_ref().map(|buffer| buffer.ptr())
+    }
+
+    /// What keeps the memory of [`Self::buffer_ptr`] alive: a view holds it, so the array stays
+    /// valid after the layer is dropped (a module moved back to the CPU) and is freed with the
+    /// last view.
+    pub fn buffer_owner(&self, which: Buffer) -> Option<Arc<DeviceBuffer<T>>> {
+        self.buffer_ptr(which)?;
+        self.buffers[slot(which)].clone()
     }
 
     /// Waits until all work queued on the layer's state has finished (and reports a fault in it).
@@ -131,7 +140,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
         }
         self.synchronize()?;
         for (index, which) in ALL_BUFFERS.into_iter().enumerate() {
-            if let (Some(values), Some(buffer)) = (host.buffer(which), self.buffers[index].as_mut()) {
+            if let (Some(values), Some(buffer)) = (host.buffer(which), self.buffers[index].as_deref()) {
                 buffer.write(values)?;
             }
         }
@@ -149,7 +158,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
             )));
         }
         self.synchronize()?;
-        match self.buffers[slot(which)].as_mut() {
+        match self.buffers[slot(which)].as_deref() {
             Some(buffer) => {
                 crate::functional::check_len(which.name(), values.len(), buffer.len())?;
                 buffer.write(values)
@@ -159,7 +168,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
     }
 
     fn pointer(&self, which: Buffer) -> u64 {
-        self.buffers[slot(which)].as_ref().map_or(0, DeviceBuffer::ptr)
+        self.buffers[slot(which)].as_ref().map_or(0, |buffer| buffer.ptr())
     }
 
     /// Orders `stream` after the previous work on this layer's state, when that went elsewhere.
@@ -193,6 +202,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
             });
         }
         let plan = self.host.forward_plan();
+        check_eps(self.host.config().eps, plan.batch_stats)?;
         if plan.batch_stats {
             check_batch_size(shape)?;
         }
@@ -261,7 +271,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
             self.synchronize()?;
             let zeros = vec![T::ZERO; self.host.config().num_features];
             for which in [Buffer::GradWeight, Buffer::GradBias] {
-                if let Some(buffer) = self.buffers[slot(which)].as_mut() {
+                if let Some(buffer) = self.buffers[slot(which)].as_deref() {
                     buffer.write(&zeros)?;
                 }
             }

@@ -131,13 +131,14 @@ impl<T: Copy + Default> DeviceBuffer<T> {
     }
 
     pub fn from_host(device: &Arc<Device>, values: &[T]) -> Result<Self> {
-        let mut buffer = Self::zeroed(device, values.len())?;
+        let buffer = Self::zeroed(device, values.len())?;
         buffer.write(values)?;
         Ok(buffer)
     }
 
-    /// Overwrites the buffer with `values` (of its length).
-    pub fn write(&mut self, values: &[T]) -> Result<()> {
+    /// Overwrites the buffer with `values` (of its length). Shared access suffices: device
+    /// memory is written through its address, as views of it (DLPack consumers) also do.
+    pub fn write(&self, values: &[T]) -> Result<()> {
         assert_eq!(values.len(), self.len, "DeviceBuffer::write takes exactly the buffer's length");
         self.device.bind()?;
         // SAFETY: the buffer holds `len` values of `T`.

@@ -279,7 +279,7 @@ pub struct DeviceArray {
     device: Arc<Device>,
     /// The stream whose work writes the array; consumers are ordered after it.
     stream: Stream,
-    /// What keeps the memory alive: the array's own buffer, or the module it is a parameter of.
+    /// What keeps the memory alive: the array's own buffer, or the module buffer it views.
     _storage: Box<dyn std::any::Any + Send + Sync>,
 }
 
@@ -302,16 +302,16 @@ impl DeviceArray {
         })
     }
 
-    /// An array over memory `owner` keeps alive (a module's parameter).
+    /// An array over memory `owner` keeps alive (a module's parameter buffer).
     pub(crate) fn borrowed(
-        owner: Py<PyAny>,
+        owner: Box<dyn std::any::Any + Send + Sync>,
         ptr: u64,
         shape: &[usize],
         dtype: Dtype,
         device: &Arc<Device>,
         stream: Stream,
     ) -> DeviceArray {
-        DeviceArray { ptr, shape: shape.to_vec(), dtype, device: device.clone(), stream, _storage: Box::new(owner) }
+        DeviceArray { ptr, shape: shape.to_vec(), dtype, device: device.clone(), stream, _storage: owner }
     }
 
     pub(crate) fn ptr(&self) -> u64 {
@@ -601,16 +601,19 @@ impl GpuLayer {
         with_gpu!(self, l => l.num_batches_tracked())
     }
 
-    /// A DeviceArray over one of the module's (C,) arrays; it keeps the module alive.
+    /// A DeviceArray over one of the module's (C,) arrays. It holds that array's device buffer,
+    /// not the layer, so it stays valid after the module moves and frees it when it goes.
     pub(crate) fn view<'py>(
         &self,
         module: &Bound<'py, PyBatchNorm2d>,
         which: Buffer,
         dtype: Dtype,
     ) -> Option<Bound<'py, PyAny>> {
-        let ptr = with_gpu!(self, l => l.buffer_ptr(which))?;
+        let (ptr, owner): (u64, Box<dyn std::any::Any + Send + Sync>) = with_gpu!(self, l => {
+            let buffer = l.buffer_owner(which)?;
+            (buffer.ptr(), Box::new(buffer))
+        });
         let channels = module.get().config.num_features;
-        let owner = module.clone().into_any().unbind();
         let array = DeviceArray::borrowed(owner, ptr, &[channels], dtype, self.device(), Stream::DEFAULT);
         Bound::new(module.py(), array).ok().map(Bound::into_any)
     }

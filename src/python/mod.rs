@@ -601,10 +601,6 @@ struct State {
     host: Layer,
     #[cfg(feature = "cuda")]
     gpu: Option<cuda::GpuLayer>,
-    /// Layers left behind by moves between devices, kept because views of their arrays may be
-    /// alive (a NumPy view of a weight, a DeviceArray of a running mean).
-    #[cfg(feature = "cuda")]
-    retired: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl State {
@@ -613,8 +609,6 @@ impl State {
             host,
             #[cfg(feature = "cuda")]
             gpu: None,
-            #[cfg(feature = "cuda")]
-            retired: Vec::new(),
         }
     }
 
@@ -1144,11 +1138,10 @@ impl PyBatchNorm2d {
                 Placement::Cpu => None,
             };
             if let Some(previous) = state.gpu.take() {
-                // Back into the host layer's own buffers, which NumPy views may reach; the GPU
-                // layer is kept because DeviceArray views of its buffers may be alive.
+                // Back into the host layer's own buffers, which NumPy views may reach. The GPU
+                // layer is dropped: DeviceArray views hold the device buffers they view.
                 let host = previous.to_host()?;
                 state.host.copy_state_from(&host)?;
-                state.retired.push(Box::new(previous));
             }
             state.gpu = gpu;
             *lock(py, &self.saved) = None;
