@@ -129,11 +129,12 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
             }
         }
         let [_, _, sh, sw] = strides;
-        let plane_contiguous = (shape.w <= 1 || sw == 1) && (shape.h <= 1 || sh == shape.w as isize);
-        let run = if plane_contiguous {
-            (shape.plane(), 1)
-        } else if shape.w == 1 {
-            (shape.h, sh)
+        // A plane whose rows follow each other at the column step is one run (contiguous planes,
+        // channels-last); otherwise each row is.
+        let run = if shape.w <= 1 {
+            (shape.plane(), if shape.h <= 1 { 1 } else { sh })
+        } else if shape.h <= 1 || sh == shape.w as isize * sw {
+            (shape.plane(), sw)
         } else {
             (shape.w, sw)
         };
@@ -150,42 +151,39 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
         self.shape.dims().iter().zip(self.strides.iter().zip(&expected)).all(|(&d, (s, e))| d <= 1 || s == e)
     }
 
-    /// Values from offset `w` within an image plane to the end of the stretch with a constant
-    /// address step (the plane itself when it is contiguous).
-    #[inline(always)]
-    pub(crate) fn run_remaining(&self, w: usize) -> usize {
-        let (len, _) = self.run;
-        if len == self.shape.plane() {
-            len - w
-        } else {
-            len - w % len
-        }
-    }
-
     #[inline(always)]
     fn address(&self, n: usize, c: usize, w: usize) -> usize {
         let [sn, sc, sh, sw] = self.strides;
         let base = self.offset as isize + n as isize * sn + c as isize * sc;
-        let within = if self.run == (self.shape.plane(), 1) {
-            w as isize
+        let (run, step) = self.run;
+        let within = if run == self.shape.plane() {
+            w as isize * step
         } else {
             (w / self.shape.w) as isize * sh + (w % self.shape.w) as isize * sw
         };
         (base + within) as usize
     }
 
-    /// Values at offsets `w..w + len` of plane (n, c), which must not cross the end of a run
-    /// (see [`Self::run_remaining`]). Borrowed when contiguous, else gathered into `buf`.
+    /// Values at offsets `w..w + len` of plane (n, c): borrowed when the plane is contiguous,
+    /// else gathered into `buf` run by run. Any range of a plane can be read, so how kernels cut
+    /// planes into blocks never depends on the layout.
     #[inline(always)]
     pub(crate) fn read<'s>(&'s self, n: usize, c: usize, w: usize, len: usize, buf: &'s mut [T]) -> &'s [T] {
-        let start = self.address(n, c, w);
-        let step = self.run.1;
-        if step == 1 {
+        let (run, step) = self.run;
+        if run == self.shape.plane() && step == 1 {
+            let start = self.address(n, c, w);
             return &self.data[start..start + len];
         }
         let gathered = &mut buf[..len];
-        for (i, slot) in gathered.iter_mut().enumerate() {
-            *slot = self.data[(start as isize + i as isize * step) as usize];
+        let mut done = 0;
+        while done < len {
+            let at = w + done;
+            let stretch = (run - at % run).min(len - done);
+            let start = self.address(n, c, at) as isize;
+            for (i, slot) in gathered[done..done + stretch].iter_mut().enumerate() {
+                *slot = self.data[(start + i as isize * step) as usize];
+            }
+            done += stretch;
         }
         gathered
     }

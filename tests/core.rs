@@ -2,7 +2,7 @@
 //! sequential, parallel by channel, split within a channel, and strided (gathered) inputs.
 
 use batchnorm::functional::{batch_norm, batch_norm_backward};
-use batchnorm::{BatchNorm2d, Buffer, Config, Error, SavedStats, Shape, StateTensor, TensorRef};
+use batchnorm::{BatchNorm2d, Buffer, Config, Error, SavedStats, Shape, StateTensor, TensorRef, Tuning};
 
 /// Deterministic pseudo-random values with an offset (a small LCG; no extra dependency).
 fn data(len: usize, seed: u64, offset: f64) -> Vec<f64> {
@@ -49,29 +49,45 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64) {
     }
 }
 
-/// Every plan the CPU backend can choose: tiny (sequential), many channels (one task per
-/// channel), few channels (split within channels), one image (split within a plane).
-const SHAPES: [Shape; 5] = [
+/// With the sequential threshold lowered, every plan the CPU backend can choose: tiny planes
+/// (image-major), many channels with large planes (channel groups), few channels (split within
+/// channels), one image (split within a plane).
+const SHAPES: [Shape; 6] = [
     Shape::new(2, 3, 4, 5),
     Shape::new(4, 64, 16, 16),
+    Shape::new(2, 16, 32, 32),
     Shape::new(8, 3, 64, 64),
     Shape::new(1, 1, 300, 300),
     Shape::new(3, 2, 1, 1),
 ];
 
+/// The default thresholds run these small shapes on the calling thread; lowered, the same shapes
+/// take the parallel plans, and the plans seen are checked so the test reaches what it names.
 #[test]
 fn training_forward_matches_scalar_path_on_every_plan() {
-    for shape in SHAPES {
+    let mut plans = std::collections::BTreeSet::new();
+    for (tuning, shape) in [Tuning::DEFAULT, Tuning { sequential_below_bytes: 0, ..Tuning::DEFAULT }]
+        .into_iter()
+        .flat_map(|tuning| SHAPES.map(|shape| (tuning, shape)))
+    {
+        tuning.set();
         let x = data(shape.numel(), 1, 100.0);
         let (want, means, vars) = scalar_forward(&x, shape, 1e-5);
         let mut layer = BatchNorm2d::<f64>::new(Config::new(shape.c)).unwrap();
         let mut y = vec![0.0; shape.numel()];
         let saved = layer.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+        plans.insert(format!("{:?}", batchnorm::last_plan().unwrap().kind));
         assert_close(&y, &want, 1e-10);
         assert_close(saved.mean(), &means, 1e-12);
         let count = shape.values_per_channel() as f64;
         let running: Vec<f64> = vars.iter().map(|v| 0.9 + 0.1 * v * count / (count - 1.0)).collect();
         assert_close(layer.running_var().unwrap(), &running, 1e-12);
+    }
+    Tuning::DEFAULT.set();
+    if batchnorm::get_num_threads() > 1 {
+        for kind in ["Sequential", "ChannelGroups", "SplitChannels", "ImageMajor"] {
+            assert!(plans.contains(kind), "no shape ran {kind}: {plans:?}");
+        }
     }
 }
 
@@ -228,24 +244,4 @@ fn state_dict_round_trip_and_strict_errors() {
     let err = b.load_state_dict(&wrong, false).unwrap_err().to_string();
     assert!(err.contains("weight") && err.contains("(4,)") && err.contains("(3,)"), "{err}");
     assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));
-}
-
-#[test]
-fn thread_counts_give_the_same_answer() {
-    let shape = Shape::new(4, 5, 60, 60);
-    let x = data(shape.numel(), 8, 7.0);
-    let mut outputs = vec![];
-    for threads in [1, 2, 4] {
-        batchnorm::set_num_threads(threads).unwrap();
-        let mut y = vec![0.0; x.len()];
-        BatchNorm2d::<f64>::new(Config::new(5))
-            .unwrap()
-            .forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y)
-            .unwrap();
-        outputs.push(y);
-    }
-    assert!(batchnorm::set_num_threads(0).is_err());
-    for y in &outputs[1..] {
-        assert_close(y, &outputs[0], 1e-12);
-    }
 }

@@ -117,6 +117,8 @@ fn every_plan_at_every_thread_count_matches_the_reference() {
         (Shape::new(64, 16, 5, 7), PlanKind::ImageMajor, false),
         (Shape::new(2, 8, 32, 33), PlanKind::ChannelGroups, true),
     ];
+    assert!(set_num_threads(0).is_err());
+    assert!(set_num_threads(usize::MAX).is_err(), "the pool is bounded");
     for threads in [1, 2, 3, 7] {
         set_num_threads(threads).unwrap();
         for &(shape, kind, streaming) in &cases {

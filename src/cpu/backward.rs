@@ -5,7 +5,7 @@ use pulp::Simd;
 
 use super::kernels::{grad_input_batch, grad_input_fixed, GradAccumulator, Split};
 use super::simd::{store_fence, PartTask, SimdLevel};
-use super::{for_each_block, At, Part, Passes, Plan, SharedOut};
+use super::{fold_pieces, for_each_block, At, Part, Passes, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
@@ -49,23 +49,29 @@ impl<'a, T: Element> Channels<'a, T> {
         Channels { x, dy, dx, mean: mean.iter().map(|&m| Split::new(m)).collect(), scale, invstd, count }
     }
 
-    /// The sums over one part, calling `also(at, xs, gs)` on each block while it is in L1.
+    /// The sums over each piece of the part, in (piece, channel) order, calling `also(at, xs, gs)`
+    /// on each block while it is in L1. Plain loops, as in `forward::moments_of`.
     #[inline(always)]
     fn sums<S: Simd>(&self, simd: S, part: &Part, mut also: impl FnMut(At, &[T], &[T])) -> Vec<GradSums> {
-        let mut channels: Vec<_> = part.channels.clone().map(|c| GradAccumulator::new(simd, self.mean[c])).collect();
-        for_each_block(
-            [self.x, self.dy],
-            part,
-            #[inline(always)]
-            |at: At, [xs, gs]| {
-                channels[at.c - part.channels.start].add(xs, gs);
-                also(at, xs, gs);
-            },
-        );
-        let mut sums = Vec::with_capacity(channels.len());
-        for channel in channels {
-            let (sum_dy, sum_dy_xmu) = channel.finish();
-            sums.push(GradSums { sum_dy, sum_dy_xmu });
+        let mut sums = Vec::with_capacity(part.channels.len() * part.piece_count());
+        let mut channels = Vec::with_capacity(part.channels.len());
+        for piece in part.pieces() {
+            for c in part.channels.clone() {
+                channels.push(GradAccumulator::new(simd, self.mean[c]));
+            }
+            for_each_block(
+                [self.x, self.dy],
+                &piece,
+                #[inline(always)]
+                |at: At, [xs, gs]| {
+                    channels[at.c - part.channels.start].add(xs, gs);
+                    also(at, xs, gs);
+                },
+            );
+            for channel in channels.drain(..) {
+                let (sum_dy, sum_dy_xmu) = channel.finish();
+                sums.push(GradSums { sum_dy, sum_dy_xmu });
+            }
         }
         sums
     }
@@ -145,11 +151,13 @@ impl<T: Element> PartTask for FusedBatch<'_, T> {
             #[inline(always)]
             |_, _, _| {},
         );
+        let mut merged = vec![None; part.channels.len()];
+        fold_pieces(&mut merged, &sums, GradSums::add);
         self.0.write_batch(
             simd,
             part,
             #[inline(always)]
-            |c| sums[c - part.channels.start],
+            |c| merged[c - part.channels.start].unwrap_or_default(),
         );
         sums
     }

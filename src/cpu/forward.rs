@@ -1,8 +1,8 @@
 //! The CPU forward passes.
 
-use super::kernels::{normalize, Moments, MomentsAccumulator, Split};
+use super::kernels::{normalize, rough_mean, Moments, MomentsAccumulator, Split};
 use super::simd::{store_fence, PartTask, SimdLevel};
-use super::{for_each_block, At, Part, Passes, Plan, SharedOut};
+use super::{fold_pieces, for_each_block, At, Part, Passes, Plan, SharedOut, BLOCK};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::TensorRef;
@@ -25,18 +25,33 @@ impl<T: Element> ChannelAffine<T> {
     }
 }
 
+/// Each channel's moments over each piece of the part, in (piece, channel) order.
+///
+/// Plain loops, not iterator adaptors: a closure handed to `collect` or `map` is compiled as a
+/// function of its own, outside the SIMD trampoline, and its vector operations stop inlining.
 #[inline(always)]
 fn moments_of<T: Element, S: Simd>(simd: S, x: &TensorRef<'_, T>, part: &Part) -> Vec<Moments> {
-    let mut channels: Vec<_> = part.channels.clone().map(|_| MomentsAccumulator::new(simd)).collect();
-    for_each_block(
-        [x],
-        part,
-        #[inline(always)]
-        |at: At, [xs]| channels[at.c - part.channels.start].add(xs),
-    );
-    let mut moments = Vec::with_capacity(channels.len());
-    for channel in channels {
-        moments.push(channel.finish());
+    let first_block = x.shape().plane().min(BLOCK);
+    let mut buffer = [T::ZERO; BLOCK];
+    let mut shifts = Vec::with_capacity(part.channels.len());
+    for c in part.channels.clone() {
+        shifts.push(rough_mean(simd, x.read(0, c, 0, first_block, &mut buffer)));
+    }
+    let mut moments = Vec::with_capacity(part.channels.len() * part.piece_count());
+    let mut channels = Vec::with_capacity(part.channels.len());
+    for piece in part.pieces() {
+        for &shift in &shifts {
+            channels.push(MomentsAccumulator::new(simd, shift));
+        }
+        for_each_block(
+            [x],
+            &piece,
+            #[inline(always)]
+            |at: At, [xs]| channels[at.c - part.channels.start].add(xs),
+        );
+        for channel in channels.drain(..) {
+            moments.push(channel.finish());
+        }
     }
     moments
 }
@@ -110,7 +125,10 @@ impl<T: Element> PartTask for Train<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<Moments> {
         let moments = moments_of(simd, self.x, part);
-        let affine: Vec<_> = part.channels.clone().zip(&moments).map(|(c, m)| (self.affine)(c, m)).collect();
+        let mut merged = vec![None; part.channels.len()];
+        fold_pieces(&mut merged, &moments, Moments::merge);
+        let affine: Vec<_> =
+            part.channels.clone().zip(merged).map(|(c, m)| (self.affine)(c, &m.unwrap_or_default())).collect();
         normalize_part(
             simd,
             self.x,
@@ -159,7 +177,7 @@ pub(crate) fn eval<T: Element>(
     affine: &[ChannelAffine<T>],
     level: SimdLevel,
 ) -> Result<()> {
-    let plan = Plan::new(x.shape(), size_of::<T>(), Passes::One, level)?;
+    let plan = Plan::new(x.shape(), size_of::<T>(), Passes::Elementwise, level)?;
     let y = SharedOut::new(y, x.shape());
     plan.run(&Normalize { x, y: &y, affine });
     Ok(())

@@ -2,9 +2,10 @@
 //!
 //! They compute in the storage type, in SIMD vectors, and hand per-block results to `f64`. Two
 //! things keep float32 accurate on data with a large offset: statistics are sums of
-//! d = x − rough_mean, where rough_mean is the block's own approximate mean, so d is exact
-//! (Sterbenz) and its sums are small; and the channel mean is subtracted as a pair of floats
-//! (hi + lo), so it is never rounded to float32 before the subtraction.
+//! d = x − shift, where the shift is close to the channel's mean (the rough mean of its first
+//! block, then the running mean), so d is exact (Sterbenz) and its sums are small; and the
+//! channel mean is subtracted as a pair of floats (hi + lo), so it is never rounded to float32
+//! before the subtraction.
 
 use pulp::Simd;
 
@@ -174,8 +175,15 @@ impl<T: Element, S: Simd> LaneSums<T, S> {
     }
 }
 
-/// The moments of one channel, fed block by block. Sums are of d = x − shift, where the shift is
-/// the first block's rough mean and then the running mean, so d stays small and exact.
+/// The mean of `xs`, roughly: a channel's first block gives the shift its sums start from.
+#[inline(always)]
+pub(crate) fn rough_mean<T: Element, S: Simd>(simd: S, xs: &[T]) -> T {
+    T::from_f64(sum(simd, xs) / xs.len().max(1) as f64)
+}
+
+/// The moments of one piece of a channel, fed block by block. Sums are of d = x − shift, where
+/// the shift is the channel's rough mean and then, after each window, the piece's running mean,
+/// so d stays small and exact.
 pub(crate) struct MomentsAccumulator<T: Element, S: Simd> {
     sums: LaneSums<T, S>,
     shift: T,
@@ -184,16 +192,13 @@ pub(crate) struct MomentsAccumulator<T: Element, S: Simd> {
 
 impl<T: Element, S: Simd> MomentsAccumulator<T, S> {
     #[inline(always)]
-    pub fn new(simd: S) -> Self {
-        MomentsAccumulator { sums: LaneSums::new(simd), shift: T::ZERO, done: Moments::default() }
+    pub fn new(simd: S, shift: T) -> Self {
+        MomentsAccumulator { sums: LaneSums::new(simd), shift, done: Moments::default() }
     }
 
     #[inline(always)]
     pub fn add(&mut self, xs: &[T]) {
         let simd = self.sums.simd;
-        if self.done.count == 0.0 && self.sums.count == 0 {
-            self.shift = T::from_f64(sum(simd, xs) / xs.len() as f64);
-        }
         let (shift, shift_v) = (self.shift, T::vsplat(simd, self.shift));
         self.sums.add(
             xs,
@@ -280,33 +285,33 @@ impl<T: Element, S: Simd> GradAccumulator<T, S> {
     }
 }
 
-/// Writes `out[i] = f(inputs[..][i])`, vector by vector. With `stream`, whole vectors go to memory
-/// with non-temporal stores from the first vector-aligned position on; the unaligned head and the
-/// tail are written one value at a time.
+/// Writes `out[i] = vector(inputs[..][i])`, vector by vector. The values before the first
+/// vector-aligned position (when streaming) and after the last whole vector go through the same
+/// vector expression as partial vectors, so every value gets the same arithmetic wherever it sits
+/// in its block and in memory. With `stream`, whole vectors go to memory with non-temporal stores.
 #[inline(always)]
 fn write_each<T: Element, S: Simd, const K: usize>(
+    simd: S,
     stream: bool,
     inputs: [&[T]; K],
     out: &mut [T],
     vector: impl Fn([T::V<S>; K]) -> T::V<S>,
-    scalar: impl Fn([T; K]) -> T,
 ) {
-    let head = if stream { out.as_ptr().align_offset(size_of::<T::V<S>>()).min(out.len()) } else { 0 };
-    for (i, slot) in out[..head].iter_mut().enumerate() {
-        *slot = scalar(inputs.map(
-            #[inline(always)]
-            |values| values[i],
-        ));
+    let len = out.len();
+    let head = if stream { out.as_ptr().align_offset(size_of::<T::V<S>>()).min(len) } else { 0 };
+    let (out_head, out_body) = out.split_at_mut(head);
+    if head > 0 {
+        write_partial(simd, inputs, 0, out_head, &vector);
     }
-    let (out_vectors, out_tail) = T::split_mut::<S>(&mut out[head..]);
-    let split = inputs.map(
+    let (out_vectors, out_tail) = T::split_mut::<S>(out_body);
+    let vectors = inputs.map(
         #[inline(always)]
-        |values| T::split::<S>(&values[head..]),
+        |values| T::split::<S>(&values[head..]).0,
     );
     for (j, slot) in out_vectors.iter_mut().enumerate() {
-        let v = vector(split.map(
+        let v = vector(vectors.map(
             #[inline(always)]
-            |(vectors, _)| vectors[j],
+            |vectors| vectors[j],
         ));
         if stream {
             // SAFETY: `slot` is a whole vector of `out`, aligned to the vector's size (the head
@@ -316,12 +321,25 @@ fn write_each<T: Element, S: Simd, const K: usize>(
             *slot = v;
         }
     }
-    for (i, slot) in out_tail.iter_mut().enumerate() {
-        *slot = scalar(split.map(
-            #[inline(always)]
-            |(_, tail)| tail[i],
-        ));
+    if !out_tail.is_empty() {
+        write_partial(simd, inputs, len - out_tail.len(), out_tail, &vector);
     }
+}
+
+/// `out` = `vector` of the values of `inputs` from `from` on, as one partial vector.
+#[inline(always)]
+fn write_partial<T: Element, S: Simd, const K: usize>(
+    simd: S,
+    inputs: [&[T]; K],
+    from: usize,
+    out: &mut [T],
+    vector: &impl Fn([T::V<S>; K]) -> T::V<S>,
+) {
+    let v = vector(inputs.map(
+        #[inline(always)]
+        |values| T::vload_partial(simd, &values[from..from + out.len()]),
+    ));
+    T::vstore_partial(simd, out, v);
 }
 
 /// y = (x − mean) · scale + offset: one fused multiply-add per value.
@@ -339,13 +357,12 @@ pub(crate) fn normalize<T: Element, S: Simd>(
     let mean_v = SplitV::new(simd, mean);
     let (scale_v, offset_v) = (T::vsplat(simd, scale), T::vsplat(simd, offset));
     write_each::<T, S, 1>(
+        simd,
         stream,
         [xs],
         ys,
         #[inline(always)]
         |[x]| T::vmul_add(simd, mean_v.centered(x), scale_v, offset_v),
-        #[inline(always)]
-        |[x]| mean.centered(x) * scale + offset,
     );
 }
 
@@ -366,6 +383,7 @@ pub(crate) fn grad_input_batch<T: Element, S: Simd>(
     let mean_v = SplitV::new(simd, mean);
     let (mean_dy_v, neg_k_v, scale_v) = (T::vsplat(simd, mean_dy), T::vsplat(simd, -k), T::vsplat(simd, scale));
     write_each::<T, S, 2>(
+        simd,
         stream,
         [xs, gs],
         dx,
@@ -374,8 +392,6 @@ pub(crate) fn grad_input_batch<T: Element, S: Simd>(
             let centered_dy = T::vsub(simd, g, mean_dy_v);
             T::vmul(simd, T::vmul_add(simd, mean_v.centered(x), neg_k_v, centered_dy), scale_v)
         },
-        #[inline(always)]
-        |[x, g]| ((g - mean_dy) - mean.centered(x) * k) * scale,
     );
 }
 
@@ -384,12 +400,11 @@ pub(crate) fn grad_input_batch<T: Element, S: Simd>(
 pub(crate) fn grad_input_fixed<T: Element, S: Simd>(simd: S, stream: bool, gs: &[T], dx: &mut [T], scale: T) {
     let scale_v = T::vsplat(simd, scale);
     write_each::<T, S, 1>(
+        simd,
         stream,
         [gs],
         dx,
         #[inline(always)]
         |[g]| T::vmul(simd, g, scale_v),
-        #[inline(always)]
-        |[g]| g * scale,
     );
 }

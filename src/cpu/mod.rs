@@ -6,6 +6,16 @@
 //! - backward: [`backward::through_batch_stats`] and [`backward::through_fixed_stats`];
 //! - the per-block loops: [`kernels`]; the SIMD dispatch point: [`simd`].
 //!
+//! Results depend on the values, the shape and the SIMD level alone, never on the thread count,
+//! the work split or the addresses of the arrays. Two rules give that. Every per-channel sum runs
+//! over fixed [`Pieces`] of the channel, cut from the shape alone, each summed from a fresh
+//! accumulator and merged in piece order; a part of the work is a range of whole pieces, so how
+//! many parts there are changes who sums a piece, not how. And every element-wise result is one
+//! vector expression, also for the values before and after the whole vectors of a block, so
+//! where a block starts never changes a value's arithmetic. The price: on small planes, where a
+//! piece holds whole images of at least 2048 values, a channel's sums split at most into its
+//! pieces (7 for 256×512×7×7), whatever the thread count.
+//!
 //! Work is cut into [`Part`]s, which the calling thread and the pool's workers take in turn (see
 //! [`Plan`]). Two-pass work (training forward and its backward) takes groups of whole channels,
 //! walked image by image in contiguous runs of up to [`RUN_BYTES`], and makes both passes over a
@@ -52,6 +62,73 @@ const IMAGE_MAJOR_BELOW_BYTES: usize = 4 << 10;
 const MIN_PART_VALUES: usize = 1 << 14;
 /// Aim for this many parts per thread so uneven work still balances.
 const PARTS_PER_THREAD: usize = 4;
+/// Planes larger than this many values are cut into pieces within the image; smaller ones go
+/// into pieces of whole images.
+const SPLIT_PLANES_ABOVE: usize = 1 << 14;
+/// Pieces of whole images hold at least this many values where the channel has them: one
+/// accumulator window ([`kernels`]), so cutting a channel into pieces adds no flushes.
+const PIECE_MIN_VALUES: usize = 2048;
+/// A channel has at most about this many pieces of whole images: enough for every thread of a
+/// large machine to take one in an image-major plan.
+const MAX_IMAGE_PIECES: usize = 64;
+
+/// How every channel's logical positions are cut, from the shape alone: into pieces of `images`
+/// whole images each (the last may hold fewer), or each image into `per_image` near-equal
+/// pieces. Sums run piece by piece, so this grid, not the thread count, decides how a channel's
+/// sums are grouped. Pieces of whole images keep image-major parts contiguous in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pieces {
+    images: usize,
+    per_image: usize,
+    count: usize,
+    n: usize,
+    plane: usize,
+}
+
+impl Pieces {
+    /// The grid of work that sums: pieces of at least [`PIECE_MIN_VALUES`], planes over
+    /// [`SPLIT_PLANES_ABOVE`] cut within the image.
+    fn for_sums(shape: Shape) -> Pieces {
+        let plane = shape.plane();
+        if plane > SPLIT_PLANES_ABOVE {
+            return Self::new(shape, 1, plane.div_ceil(SPLIT_PLANES_ABOVE));
+        }
+        let images = PIECE_MIN_VALUES.div_ceil(plane.max(1)).max(shape.n.div_ceil(MAX_IMAGE_PIECES));
+        Self::new(shape, images, 1)
+    }
+
+    /// The grid of element-wise work, where a split changes no result: single images, or shares
+    /// of one when there are few images.
+    fn for_elementwise(shape: Shape) -> Pieces {
+        if shape.n >= MAX_IMAGE_PIECES {
+            return Self::new(shape, shape.n.div_ceil(MAX_IMAGE_PIECES), 1);
+        }
+        let shares = (MAX_IMAGE_PIECES / shape.n.max(1)).min(shape.plane().div_ceil(PIECE_MIN_VALUES));
+        Self::new(shape, 1, shares.max(1))
+    }
+
+    fn new(shape: Shape, images: usize, per_image: usize) -> Pieces {
+        let (n, plane) = (shape.n, shape.plane());
+        let images = images.max(1);
+        // n · per_image ≤ n · plane, which fits (Shape::check_size).
+        let count = if per_image > 1 { n * per_image } else { n.div_ceil(images) }.max(1);
+        Pieces { images, per_image, count, n, plane }
+    }
+
+    /// The position where piece `piece` starts (the end of the channel for `count`).
+    fn start(&self, piece: usize) -> usize {
+        if self.per_image > 1 {
+            let (image, share) = (piece / self.per_image, piece % self.per_image);
+            image * self.plane + share * self.plane / self.per_image
+        } else {
+            piece.saturating_mul(self.images).min(self.n) * self.plane
+        }
+    }
+
+    fn per_channel(&self) -> usize {
+        self.n * self.plane
+    }
+}
 
 /// The size thresholds the planner works with. The defaults suit the machines measured (see the
 /// README); tests lower them to run every plan on small shapes, and `BATCHNORM_SEQUENTIAL_BELOW_BYTES`
@@ -138,17 +215,48 @@ pub fn last_plan() -> Option<PlanReport> {
 /// How many times a call reads its inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Passes {
-    /// One streaming pass (eval forward, backward through fixed statistics).
+    /// One streaming pass computing no sums (eval forward): split anywhere.
+    Elementwise,
+    /// One streaming pass with per-channel sums (statistics, backward through fixed statistics).
     One,
     /// Statistics, then a second pass that uses them (training forward and its backward).
     Two,
 }
 
-/// One task's share of the work: the same range of logical positions in a group of channels.
+/// One task's share of the work: the same range of logical positions in a group of channels,
+/// made of whole [`Pieces`].
 #[derive(Clone, Debug)]
 pub(crate) struct Part {
     pub channels: Range<usize>,
     pub range: Range<usize>,
+    pieces: Range<usize>,
+    grid: Pieces,
+}
+
+impl Part {
+    fn new(channels: Range<usize>, pieces: Range<usize>, grid: Pieces) -> Part {
+        Part { channels, range: grid.start(pieces.start)..grid.start(pieces.end), pieces, grid }
+    }
+
+    pub fn piece_count(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// The part's pieces, in order, each as a part of its own.
+    pub fn pieces(&self) -> impl Iterator<Item = Part> + '_ {
+        self.pieces.clone().map(|piece| Part::new(self.channels.clone(), piece..piece + 1, self.grid))
+    }
+}
+
+/// Folds per-piece results — the (piece, channel) order reductions return them in — into
+/// `merged` (the part's channels), left to right in piece order: the same sequence of
+/// operations for a channel however its pieces were spread over parts.
+pub(crate) fn fold_pieces<R: Copy>(merged: &mut [Option<R>], results: &[R], combine: impl Fn(R, R) -> R) {
+    for piece in results.chunks(merged.len().max(1)) {
+        for (slot, &result) in merged.iter_mut().zip(piece) {
+            *slot = Some(slot.map_or(result, |acc| combine(acc, result)));
+        }
+    }
 }
 
 /// How a call's work is split, where it runs and which kernels it uses.
@@ -165,24 +273,25 @@ impl Plan {
     /// (one input for a forward, two for a backward). One-pass work streams through memory in
     /// contiguous image-major parts; two-pass work goes by channel groups.
     pub fn new(shape: Shape, bytes_per_value: usize, passes: Passes, level: SimdLevel) -> Result<Plan> {
-        let (c, per_channel) = (shape.c, shape.values_per_channel());
+        let grid = if passes == Passes::Elementwise { Pieces::for_elementwise(shape) } else { Pieces::for_sums(shape) };
+        let c = shape.c;
         let bytes = shape.numel().saturating_mul(bytes_per_value);
         let (pool, threads) = if bytes < Tuning::get().sequential_below_bytes { (None, 1) } else { threads::pool()? };
         let report =
             |kind, parts| LAST_PLAN.with(|last| last.set(Some(PlanReport { kind, threads, parts, streaming: false })));
         let Some(pool) = pool else {
             report(PlanKind::Sequential, 1);
-            let everything = vec![Part { channels: 0..c, range: 0..per_channel }];
+            let everything = vec![Part::new(0..c, 0..grid.count, grid)];
             return Ok(Plan { parts: everything, channels: c, whole_channels: true, pool: None, level });
         };
         let wanted = PARTS_PER_THREAD * threads;
         let tiny_planes = shape.plane() * bytes_per_value < IMAGE_MAJOR_BELOW_BYTES;
         let parts = match passes {
-            Passes::One => Self::image_major(shape, wanted),
-            Passes::Two if tiny_planes => Self::image_major(shape, wanted),
-            Passes::Two => Self::channel_groups(shape, bytes_per_value, wanted),
+            Passes::Elementwise | Passes::One => Self::image_major(shape, grid, wanted),
+            Passes::Two if tiny_planes => Self::image_major(shape, grid, wanted),
+            Passes::Two => Self::channel_groups(shape, grid, bytes_per_value, wanted),
         };
-        let whole_channels = parts.iter().all(|p| p.range.len() == per_channel);
+        let whole_channels = parts.iter().all(|p| p.range.len() == grid.per_channel());
         let kind = match (passes, tiny_planes, whole_channels) {
             (Passes::Two, false, true) => PlanKind::ChannelGroups,
             (Passes::Two, false, false) => PlanKind::SplitChannels,
@@ -192,36 +301,30 @@ impl Plan {
         Ok(Plan { parts, channels: c, whole_channels, pool: Some(pool), level })
     }
 
-    /// Contiguous stretches of the tensor: every channel, a range of images (or of one image).
-    fn image_major(shape: Shape, wanted: usize) -> Vec<Part> {
-        let per_channel = shape.values_per_channel();
-        let slices = wanted.min(shape.numel() / MIN_PART_VALUES).max(1);
-        let boundary = |s: usize| {
-            if shape.n >= slices {
-                s * shape.n / slices * shape.plane()
-            } else {
-                s * per_channel / slices
-            }
-        };
-        (0..slices).map(|s| Part { channels: 0..shape.c, range: boundary(s)..boundary(s + 1) }).collect()
+    /// Contiguous stretches of the tensor: every channel, a range of pieces.
+    fn image_major(shape: Shape, grid: Pieces, wanted: usize) -> Vec<Part> {
+        let slices = wanted.min(shape.numel() / MIN_PART_VALUES).min(grid.count).max(1);
+        let boundary = |s: usize| s * grid.count / slices;
+        (0..slices).map(|s| Part::new(0..shape.c, boundary(s)..boundary(s + 1), grid)).collect()
     }
 
     /// Groups of whole channels (see [`RUN_BYTES`]), or slices of single channels when there are
     /// too few channels to keep every thread busy.
-    fn channel_groups(shape: Shape, bytes_per_value: usize, wanted: usize) -> Vec<Part> {
-        let (c, per_channel) = (shape.c, shape.values_per_channel());
+    fn channel_groups(shape: Shape, grid: Pieces, bytes_per_value: usize, wanted: usize) -> Vec<Part> {
+        let c = shape.c;
         let contiguous_run = RUN_BYTES.div_ceil((shape.plane() * bytes_per_value).max(1));
         let group = contiguous_run.min(c.div_ceil(wanted)).max(1);
         let groups = c.div_ceil(group);
-        let slices =
-            if groups >= wanted { 1 } else { wanted.div_ceil(groups).min(per_channel / MIN_PART_VALUES).max(1) };
+        let slices = if groups >= wanted {
+            1
+        } else {
+            wanted.div_ceil(groups).min(grid.per_channel() / MIN_PART_VALUES).min(grid.count).max(1)
+        };
+        let boundary = |s: usize| s * grid.count / slices;
         (0..groups)
             .flat_map(|g| {
                 let channels = g * group..((g + 1) * group).min(c);
-                (0..slices).map(move |s| Part {
-                    channels: channels.clone(),
-                    range: s * per_channel / slices..(s + 1) * per_channel / slices,
-                })
+                (0..slices).map(move |s| Part::new(channels.clone(), boundary(s)..boundary(s + 1), grid))
             })
             .collect()
     }
@@ -252,13 +355,11 @@ impl Plan {
         results.into_iter().map(|slot| slot.into_inner().expect("every part ran exactly once")).collect()
     }
 
-    /// Folds each part's per-channel results into one result per channel.
+    /// Folds the parts' per-piece results (see [`fold_pieces`]) into one result per channel.
     pub fn per_channel<R: Copy + Default>(&self, partials: Vec<Vec<R>>, combine: impl Fn(R, R) -> R) -> Vec<R> {
         let mut merged: Vec<Option<R>> = vec![None; self.channels];
         for (part, results) in self.parts.iter().zip(partials) {
-            for (slot, result) in merged[part.channels.clone()].iter_mut().zip(results) {
-                *slot = Some(slot.map_or(result, |acc| combine(acc, result)));
-            }
+            fold_pieces(&mut merged[part.channels.clone()], &results, &combine);
         }
         merged.into_iter().map(Option::unwrap_or_default).collect()
     }
@@ -273,8 +374,8 @@ pub(crate) struct At {
 }
 
 /// Calls `visit(at, [values of each input])` for blocks covering the part: image by image, and
-/// within an image channel by channel. No block crosses a run of any input, nor an image plane,
-/// so the matching output block is contiguous too.
+/// within an image channel by channel, each plane's stretch cut every [`BLOCK`] positions from
+/// where it starts. No block crosses an image plane, so the matching output block is contiguous.
 #[inline(always)]
 pub(crate) fn for_each_block<T: Element, const K: usize>(
     inputs: [&TensorRef<'_, T>; K],
@@ -293,10 +394,7 @@ pub(crate) fn for_each_block<T: Element, const K: usize>(
         for c in part.channels.clone() {
             let mut w = from;
             while w < to {
-                let mut len = (to - w).min(BLOCK);
-                for tensor in &inputs {
-                    len = len.min(tensor.run_remaining(w));
-                }
+                let len = (to - w).min(BLOCK);
                 let mut input = inputs.iter();
                 let views = buffers.each_mut().map(
                     #[inline(always)]
@@ -364,22 +462,24 @@ impl<'a, T> SharedOut<'a, T> {
 
 #[cfg(test)]
 mod tests {
-    //! Every SIMD level this CPU has, against the scalar build of the same kernels.
+    //! Every SIMD level this CPU has, against the scalar build of the same kernels, and at each
+    //! level the same bits from the sequential and the parallel plans.
 
     use super::backward::{through_batch_stats, through_fixed_stats};
-    use super::forward::{eval, train, ChannelAffine};
+    use super::forward::{eval, statistics, train, ChannelAffine};
     use super::simd::SimdLevel;
+    use super::Tuning;
     use crate::shape::{Shape, TensorRef};
 
     const SHAPES: [Shape; 8] = [
-        Shape::new(3, 5, 7, 7),      // sequential, planes not a whole number of vectors
+        Shape::new(3, 5, 7, 7),      // planes not a whole number of vectors
         Shape::new(16, 64, 16, 16),  // image-major parts
         Shape::new(16, 16, 40, 40),  // channel groups
         Shape::new(16, 3, 64, 64),   // slices of channels
-        Shape::new(2, 2, 301, 303),  // odd planes, one image per slice boundary
-        Shape::new(1024, 128, 1, 1), // one value per plane, in parallel
+        Shape::new(2, 2, 301, 303),  // planes cut into pieces within the image
+        Shape::new(1024, 128, 1, 1), // one value per plane
         Shape::new(2, 3, 1, 17),     // vector plus tail
-        Shape::new(4, 16, 256, 257), // 16 MiB or more: non-temporal stores, unaligned planes
+        Shape::new(4, 16, 256, 257), // 16 MiB: non-temporal stores at the default thresholds too
     ];
 
     /// Pseudo-random values in [offset, offset + 1), independent across seeds (xorshift).
@@ -402,7 +502,8 @@ mod tests {
         (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
     }
 
-    fn run_all(shape: Shape, level: SimdLevel) -> Vec<Vec<f32>> {
+    /// Every kernel's outputs, and the per-channel statistics and sums in f64.
+    fn run_all(shape: Shape, level: SimdLevel) -> (Vec<Vec<f32>>, Vec<f64>) {
         let (x, dy) = (values(shape.numel(), 1, 100.0), values(shape.numel(), 2, -0.5));
         let (xr, dyr) = (TensorRef::contiguous(&x, shape).unwrap(), TensorRef::contiguous(&dy, shape).unwrap());
         let weight: Vec<f32> = (0..shape.c).map(|c| 0.5 + c as f32).collect();
@@ -417,24 +518,41 @@ mod tests {
         let mut dx = vec![0.0; shape.numel()];
         let sums = through_batch_stats(&xr, &dyr, &mut dx, &mean, &invstd, Some(&weight), level).unwrap();
         let mut dx_fixed = vec![0.0; shape.numel()];
-        through_fixed_stats(&xr, &dyr, &mut dx_fixed, &mean, &invstd, Some(&weight), level).unwrap();
-        let stats = moments.iter().flat_map(|m| [m.mean as f32, m.biased_var() as f32]).collect();
-        let grads = sums.iter().flat_map(|s| [s.sum_dy as f32, s.sum_dy_xmu as f32]).collect();
-        vec![y, y_eval, dx, dx_fixed, stats, grads]
+        let fixed_sums = through_fixed_stats(&xr, &dyr, &mut dx_fixed, &mean, &invstd, Some(&weight), level).unwrap();
+        let recomputed = statistics(&xr, level).unwrap();
+        assert_eq!(recomputed, moments, "statistics alone are the training forward's, bit for bit");
+        let stats = moments.iter().flat_map(|m| [m.mean, m.biased_var()]);
+        let grads = sums.iter().chain(&fixed_sums).flat_map(|s| [s.sum_dy, s.sum_dy_xmu]);
+        (vec![y, y_eval, dx, dx_fixed], stats.chain(grads).collect())
     }
 
+    /// Thresholds that send every shape down a parallel plan with non-temporal stores.
+    const PARALLEL: Tuning = Tuning { sequential_below_bytes: 0, stream_at_bytes: 0 };
+
+    /// One test: the thresholds and the thread count are process-wide.
     #[test]
-    fn every_simd_level_matches_scalar() {
+    fn every_simd_level_matches_scalar_and_gives_the_same_bits_under_every_plan() {
         let levels = SimdLevel::available();
         assert_eq!(levels[0], SimdLevel::Scalar);
+        crate::threads::set_num_threads(3).unwrap();
         for shape in SHAPES {
-            let reference = run_all(shape, SimdLevel::Scalar);
-            for &level in &levels[1..] {
-                for (i, (got, want)) in run_all(shape, level).iter().zip(&reference).enumerate() {
+            Tuning::DEFAULT.set();
+            let sequential: Vec<_> = levels.iter().map(|&level| run_all(shape, level)).collect();
+            PARALLEL.set();
+            for (&level, (outputs, sums)) in levels.iter().zip(&sequential) {
+                let (parallel_outputs, parallel_sums) = run_all(shape, level);
+                assert!(parallel_outputs == *outputs, "{level:?} outputs depend on the plan at {shape:?}");
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&parallel_sums), bits(sums), "{level:?} sums depend on the plan at {shape:?}");
+            }
+            let (reference, _) = &sequential[0];
+            for (&level, (outputs, _)) in levels.iter().zip(&sequential).skip(1) {
+                for (i, (got, want)) in outputs.iter().zip(reference).enumerate() {
                     let error = relative_error(got, want);
                     assert!(error < 1e-5, "{level:?} output {i} differs from scalar by {error:e} at {shape:?}");
                 }
             }
         }
+        Tuning::DEFAULT.set();
     }
 }

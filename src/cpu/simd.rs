@@ -122,6 +122,10 @@ pub trait Lanes: Copy + bytemuck::Pod {
     fn vmul<S: Simd>(simd: S, a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     /// a · b + c, fused where the instruction set has FMA.
     fn vmul_add<S: Simd>(simd: S, a: Self::V<S>, b: Self::V<S>, c: Self::V<S>) -> Self::V<S>;
+    /// A vector of `values` (at most a vector's worth), the lanes past them zero.
+    fn vload_partial<S: Simd>(simd: S, values: &[Self]) -> Self::V<S>;
+    /// Stores the first `values.len()` lanes of `v` into `values`.
+    fn vstore_partial<S: Simd>(simd: S, values: &mut [Self], v: Self::V<S>);
     /// The sum of the lanes, in f64.
     fn sum_f64<S: Simd>(v: Self::V<S>) -> f64;
     /// Stores `v` at `dst` bypassing the caches where the instruction set can (x86 AVX2 and
@@ -146,7 +150,7 @@ pub(crate) fn store_fence() {
 
 macro_rules! lanes {
     ($t:ty, $v:ident, $split:ident, $split_mut:ident, $splat:ident, $add:ident, $sub:ident, $mul:ident, $fma:ident,
-     $stream256:ident, $stream512:ident) => {
+     $load:ident, $store:ident, $stream256:ident, $stream512:ident) => {
         impl Lanes for $t {
             type V<S: Simd> = S::$v;
             #[inline(always)]
@@ -176,6 +180,14 @@ macro_rules! lanes {
             #[inline(always)]
             fn vmul_add<S: Simd>(simd: S, a: S::$v, b: S::$v, c: S::$v) -> S::$v {
                 simd.$fma(a, b, c)
+            }
+            #[inline(always)]
+            fn vload_partial<S: Simd>(simd: S, values: &[$t]) -> S::$v {
+                simd.$load(values)
+            }
+            #[inline(always)]
+            fn vstore_partial<S: Simd>(simd: S, values: &mut [$t], v: S::$v) {
+                simd.$store(values, v)
             }
             #[inline(always)]
             fn sum_f64<S: Simd>(v: S::$v) -> f64 {
@@ -211,6 +223,8 @@ lanes!(
     sub_f32s,
     mul_f32s,
     mul_add_e_f32s,
+    partial_load_f32s,
+    partial_store_f32s,
     _mm256_stream_ps,
     _mm512_stream_ps
 );
@@ -224,6 +238,8 @@ lanes!(
     sub_f64s,
     mul_f64s,
     mul_add_e_f64s,
+    partial_load_f64s,
+    partial_store_f64s,
     _mm256_stream_pd,
     _mm512_stream_pd
 );
