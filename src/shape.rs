@@ -164,16 +164,22 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
         (base + within) as usize
     }
 
+    /// Whether [`Self::read`] borrows every plane in place (and so never uses its buffer).
+    #[inline(always)]
+    pub(crate) fn reads_in_place(&self) -> bool {
+        self.run == (self.shape.plane(), 1)
+    }
+
     /// Values at offsets `w..w + len` of plane (n, c): borrowed when the plane is contiguous,
     /// else gathered into `buf` run by run. Any range of a plane can be read, so how kernels cut
     /// planes into blocks never depends on the layout.
     #[inline(always)]
     pub(crate) fn read<'s>(&'s self, n: usize, c: usize, w: usize, len: usize, buf: &'s mut [T]) -> &'s [T] {
-        let (run, step) = self.run;
-        if run == self.shape.plane() && step == 1 {
+        if self.reads_in_place() {
             let start = self.address(n, c, w);
             return &self.data[start..start + len];
         }
+        let (run, step) = self.run;
         let gathered = &mut buf[..len];
         let mut done = 0;
         while done < len {

@@ -386,7 +386,12 @@ pub(crate) fn for_each_block<T: Element, const K: usize>(
     if part.range.is_empty() || plane == 0 {
         return;
     }
-    let mut buffers = [[T::ZERO; BLOCK]; K];
+    // Gather buffers only for inputs that are not contiguous: zeroing them costs more than a
+    // small piece's work.
+    let mut buffers = inputs.map(
+        #[inline(always)]
+        |tensor| if tensor.reads_in_place() { Vec::new() } else { vec![T::ZERO; BLOCK] },
+    );
     let (first, last) = (part.range.start / plane, (part.range.end - 1) / plane);
     for n in first..=last {
         let from = if n == first { part.range.start - n * plane } else { 0 };
@@ -400,7 +405,7 @@ pub(crate) fn for_each_block<T: Element, const K: usize>(
                     #[inline(always)]
                     |buffer| match input.next() {
                         Some(tensor) => tensor.read(n, c, w, len, buffer),
-                        None => &buffer[..0],
+                        None => &[],
                     },
                 );
                 visit(At { n, c, w }, views);
