@@ -1,8 +1,11 @@
 //! One GPU: its context (the primary context, which CUDA's runtime, PyTorch and CuPy share), its
-//! properties, and the kernels compiled for its architecture, once per process.
+//! properties, and the kernels compiled for its architecture, once per process. Or, for tests, the
+//! CPU emulator of `kernels.cu` standing in for one (`tests/cuda_emulator/`).
 
 use std::collections::HashMap;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -21,11 +24,76 @@ const EVAL_COEFFICIENTS: [&str; 2] = ["eval_coefficients_f32", "eval_coefficient
 /// A CUDA device with the batchnorm kernels loaded.
 pub struct Device {
     ordinal: usize,
-    context: Arc<CudaContext>,
     name: String,
     multiprocessors: u32,
-    functions: HashMap<String, CudaFunction>,
-    _module: Arc<CudaModule>,
+    pub(crate) backend: Backend,
+}
+
+/// What runs the kernels and holds the memory.
+pub(crate) enum Backend {
+    Driver { context: Arc<CudaContext>, functions: HashMap<String, CudaFunction>, _module: Arc<CudaModule> },
+    Emulator(Emulator),
+}
+
+type EmulatorLaunch = unsafe extern "C" fn(*const c_char, u32, u32, u32, *const c_void, u64, *mut c_char, usize) -> i32;
+
+/// `tests/cuda_emulator/emulator.cpp`, loaded: runs each launch's blocks one after another on the
+/// CPU, in an order drawn from `seed` and the launch's number. "Device memory" is host memory,
+/// each allocation fenced by guard bytes that are checked after every launch.
+pub(crate) struct Emulator {
+    launch: EmulatorLaunch,
+    seed: u64,
+    launches: AtomicU64,
+    /// Live allocations: address → length in bytes.
+    pub(crate) allocations: Mutex<HashMap<u64, usize>>,
+    _library: libloading::Library,
+}
+
+/// Bytes of guard before and after each emulator allocation; also its alignment, cuMemAlloc's.
+pub(crate) const GUARD: usize = 256;
+pub(crate) const GUARD_BYTE: u8 = 0xA5;
+
+impl Emulator {
+    /// Runs kernel `name` to completion; then checks that no allocation's guard bytes changed.
+    pub(crate) fn launch(&self, name: &str, grid: (u32, u32), threads: u32, args: *const c_void) -> Result<()> {
+        let kernel = CString::new(name).map_err(|_| Error::Cuda(format!("kernel name {name:?}")))?;
+        let mut message = vec![0u8; 1024];
+        let seed = self.seed ^ self.launches.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // SAFETY: the library's entry point reads `args` as the kernel's argument struct, which
+        // the launcher built for this kernel, and writes at most `message.len()` bytes.
+        let status = unsafe {
+            (self.launch)(
+                kernel.as_ptr(),
+                grid.0,
+                grid.1,
+                threads,
+                args,
+                seed,
+                message.as_mut_ptr().cast(),
+                message.len(),
+            )
+        };
+        if status != 0 {
+            let end = message.iter().position(|&b| b == 0).unwrap_or(message.len());
+            return Err(Error::Cuda(format!("emulated {}", String::from_utf8_lossy(&message[..end]))));
+        }
+        let allocations = self.allocations.lock().unwrap_or_else(|p| p.into_inner());
+        for (&address, &len) in allocations.iter() {
+            // SAFETY: every registered allocation has GUARD bytes before and after it.
+            let (before, after) = unsafe {
+                (
+                    std::slice::from_raw_parts((address as usize - GUARD) as *const u8, GUARD),
+                    std::slice::from_raw_parts((address as usize + len) as *const u8, GUARD),
+                )
+            };
+            if before.iter().chain(after).any(|&b| b != GUARD_BYTE) {
+                return Err(Error::Cuda(format!(
+                    "emulated {name} wrote outside an allocation of {len} bytes at {address:#x}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -99,12 +167,31 @@ impl Device {
         }
         Ok(Device {
             ordinal,
-            context,
             name,
             multiprocessors: multiprocessors.max(1) as u32,
-            functions,
-            _module: module,
+            backend: Backend::Driver { context, functions, _module: module },
         })
+    }
+
+    /// A device whose kernels run in the CPU emulator built from `tests/cuda_emulator/` (a
+    /// shared library at `library`), as a GPU with `multiprocessors` multiprocessors, blocks
+    /// in orders drawn from `seed`. For testing the launcher and the kernels without a GPU; its
+    /// memory is host memory, so only this crate's own buffers may be used with it.
+    ///
+    /// # Safety
+    /// `library` must be that emulator: its `batchnorm_emulator_launch` is called as such.
+    pub unsafe fn emulator(library: &Path, multiprocessors: u32, seed: u64) -> Result<Arc<Device>> {
+        let fail = |e: libloading::Error| Error::Cuda(format!("loading the emulator {}: {e}", library.display()));
+        let library = libloading::Library::new(library).map_err(fail)?;
+        let launch = *library.get::<EmulatorLaunch>(b"batchnorm_emulator_launch\0").map_err(fail)?;
+        let emulator =
+            Emulator { launch, seed, launches: AtomicU64::new(0), allocations: Mutex::default(), _library: library };
+        Ok(Arc::new(Device {
+            ordinal: 0,
+            name: "the CPU emulator of kernels.cu".into(),
+            multiprocessors: multiprocessors.max(1),
+            backend: Backend::Emulator(emulator),
+        }))
     }
 
     pub fn ordinal(&self) -> usize {
@@ -117,15 +204,14 @@ impl Device {
     pub fn multiprocessors(&self) -> u32 {
         self.multiprocessors
     }
-    pub(crate) fn context(&self) -> &Arc<CudaContext> {
-        &self.context
-    }
-    pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is missing from kernels.cu")))
-    }
     /// Makes this device's context current on the calling thread.
     pub(crate) fn bind(&self) -> Result<()> {
-        self.context.bind_to_thread().map_err(|e| driver_error("binding the context", e))
+        match &self.backend {
+            Backend::Driver { context, .. } => {
+                context.bind_to_thread().map_err(|e| driver_error("binding the context", e))
+            }
+            Backend::Emulator(_) => Ok(()),
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::device::{driver_error, Device};
+use super::device::{driver_error, Backend, Device};
 use super::memory::{DeviceBuffer, Stream};
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -199,10 +199,17 @@ pub(crate) unsafe fn launch<A: DeviceRepr>(
     stream: Stream,
     args: &A,
 ) -> Result<()> {
-    let function = device.function(name)?;
-    let borrowed = device.context().wrap_borrowed_stream(stream.cu());
-    let mut builder = borrowed.launch_builder(function);
-    builder.arg(args);
-    let config = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    builder.launch(config).map(drop).map_err(|e| driver_error(&format!("launching {name}"), e))
+    match &device.backend {
+        Backend::Driver { context, functions, .. } => {
+            let function =
+                functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is missing from kernels.cu")))?;
+            let borrowed = context.wrap_borrowed_stream(stream.cu());
+            let mut builder = borrowed.launch_builder(function);
+            builder.arg(args);
+            let config =
+                LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            builder.launch(config).map(drop).map_err(|e| driver_error(&format!("launching {name}"), e))
+        }
+        Backend::Emulator(emulator) => emulator.launch(name, grid, THREADS, (args as *const A).cast()),
+    }
 }

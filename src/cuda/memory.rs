@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
 
-use super::device::{driver_error, Device};
+use super::device::{driver_error, Backend, Device, Emulator, GUARD, GUARD_BYTE};
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::Shape;
@@ -76,16 +76,25 @@ impl<T: Element> DeviceBuffer<T> {
     /// `len` values, unset, for an output written on `stream`: from the device's stream-ordered
     /// pool where it has one (no device-wide synchronization, unlike cuMemAlloc and cuMemFree).
     pub fn for_output(device: &Arc<Device>, len: usize, stream: Stream) -> Result<Self> {
-        if !device.context().has_async_alloc() {
+        let Backend::Driver { context, .. } = &device.backend else { return Self::zeroed(device, len) };
+        if !context.has_async_alloc() {
             return Self::zeroed(device, len);
         }
         device.bind()?;
-        let bytes = len.max(1) * std::mem::size_of::<T>();
+        let bytes = byte_len::<T>(len)?;
         // SAFETY: a fresh allocation ordered on `stream`, which the caller's kernels write first.
         let ptr = unsafe { driver::malloc_async(stream.cu(), bytes) }
             .map_err(|e| driver_error("allocation (cuMemAllocAsync)", e))?;
         Ok(DeviceBuffer { ptr, len, device: device.clone(), pooled: true, element: PhantomData })
     }
+}
+
+/// The bytes of `len` values of `T`, at least one value's: cuMemAlloc refuses 0 bytes, and one
+/// element keeps every buffer a valid address.
+fn byte_len<T>(len: usize) -> Result<usize> {
+    len.max(1)
+        .checked_mul(size_of::<T>())
+        .ok_or_else(|| crate::Error::Memory(format!("a device buffer of {len} values does not fit the address space")))
 }
 
 /// Copies `len` values of `T` at device address `ptr` to the host, synchronously.
@@ -94,9 +103,115 @@ impl<T: Element> DeviceBuffer<T> {
 /// `ptr` must address `len` values of `T` on `device`.
 pub unsafe fn copy_to_host<T: Element>(device: &Device, ptr: u64, len: usize) -> Result<Vec<T>> {
     let mut values = vec![T::ZERO; len];
-    device.bind()?;
-    driver::memcpy_dtoh_sync(&mut values, ptr).map_err(|e| driver_error("copy from the device", e))?;
+    device.copy_out(ptr, bytemuck::cast_slice_mut(&mut values))?;
     Ok(values)
+}
+
+impl Device {
+    /// `bytes` of zeroed device memory.
+    fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+        match &self.backend {
+            Backend::Driver { .. } => {
+                self.bind()?;
+                // SAFETY: a fresh allocation of `bytes`, zeroed before anyone reads it.
+                let ptr =
+                    unsafe { driver::malloc_sync(bytes) }.map_err(|e| driver_error("allocation (cuMemAlloc)", e))?;
+                // SAFETY: `ptr` owns `bytes` bytes.
+                if let Err(e) = unsafe { driver::memset_d8_sync(ptr, 0, bytes) } {
+                    // SAFETY: allocated above, freed once.
+                    let _ = unsafe { driver::free_sync(ptr) };
+                    return Err(driver_error("memset", e));
+                }
+                Ok(ptr)
+            }
+            Backend::Emulator(emulator) => emulator.alloc_zeroed(bytes),
+        }
+    }
+
+    /// # Safety
+    /// `ptr` must be an allocation of this device's, freed once; `pooled` if it came from the
+    /// stream-ordered pool.
+    unsafe fn free(&self, ptr: u64, pooled: bool) {
+        match &self.backend {
+            Backend::Driver { .. } => {
+                // A failure here (a context already torn down at exit) has nobody to report to.
+                if self.bind().is_ok() {
+                    // cuMemFree waits for all work; a pooled buffer goes back to the pool in the
+                    // default stream's order, after the work of every blocking stream.
+                    let _ = if pooled { driver::free_async(ptr, Stream::DEFAULT.cu()) } else { driver::free_sync(ptr) };
+                }
+            }
+            Backend::Emulator(emulator) => emulator.free(ptr),
+        }
+    }
+
+    /// Copies `bytes` to device address `ptr`, synchronously.
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes.len()` bytes of this device's memory.
+    unsafe fn copy_in(&self, ptr: u64, bytes: &[u8]) -> Result<()> {
+        match &self.backend {
+            Backend::Driver { .. } => {
+                self.bind()?;
+                driver::memcpy_htod_sync(ptr, bytes).map_err(|e| driver_error("copy to the device", e))
+            }
+            Backend::Emulator(_) => {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as *mut u8, bytes.len());
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies from device address `ptr` into `bytes`, synchronously.
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes.len()` bytes of this device's memory.
+    unsafe fn copy_out(&self, ptr: u64, bytes: &mut [u8]) -> Result<()> {
+        match &self.backend {
+            Backend::Driver { .. } => {
+                self.bind()?;
+                driver::memcpy_dtoh_sync(bytes, ptr).map_err(|e| driver_error("copy from the device", e))
+            }
+            Backend::Emulator(_) => {
+                std::ptr::copy_nonoverlapping(ptr as *const u8, bytes.as_mut_ptr(), bytes.len());
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Emulator {
+    fn layout(bytes: usize) -> Result<std::alloc::Layout> {
+        let total = bytes.checked_add(2 * GUARD);
+        total
+            .and_then(|total| std::alloc::Layout::from_size_align(total, GUARD).ok())
+            .ok_or_else(|| crate::Error::Memory(format!("an emulated allocation of {bytes} bytes")))
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+        let layout = Self::layout(bytes)?;
+        // SAFETY: the layout is not zero-sized (it holds the guards).
+        let base = unsafe { std::alloc::alloc_zeroed(layout) };
+        if base.is_null() {
+            return Err(crate::Error::Memory(format!("an emulated allocation of {bytes} bytes")));
+        }
+        // SAFETY: the guards lie inside the allocation, before and after its `bytes`.
+        unsafe {
+            std::ptr::write_bytes(base, GUARD_BYTE, GUARD);
+            std::ptr::write_bytes(base.add(GUARD + bytes), GUARD_BYTE, GUARD);
+        }
+        let ptr = base as u64 + GUARD as u64;
+        self.allocations.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
+        Ok(ptr)
+    }
+
+    fn free(&self, ptr: u64) {
+        let bytes = self.allocations.lock().unwrap_or_else(|p| p.into_inner()).remove(&ptr);
+        if let Some(layout) = bytes.and_then(|bytes| Self::layout(bytes).ok()) {
+            // SAFETY: allocated by `alloc_zeroed` with this layout, at `ptr - GUARD`.
+            unsafe { std::alloc::dealloc((ptr as usize - GUARD) as *mut u8, layout) };
+        }
+    }
 }
 
 /// The ordinal of the device that owns device address `ptr`, or an error if it is not one.
@@ -116,18 +231,11 @@ pub fn device_of_pointer(ptr: u64) -> Result<usize> {
     Ok(ordinal.max(0) as usize)
 }
 
-impl<T: Copy + Default> DeviceBuffer<T> {
+impl<T: bytemuck::Pod> DeviceBuffer<T> {
     /// `len` values of `T`, every byte zero.
     pub fn zeroed(device: &Arc<Device>, len: usize) -> Result<Self> {
-        device.bind()?;
-        // cuMemAlloc refuses 0 bytes; one element keeps every buffer a valid address.
-        let bytes = len.max(1) * std::mem::size_of::<T>();
-        // SAFETY: a fresh allocation of `bytes`, zeroed before anyone reads it.
-        let ptr = unsafe { driver::malloc_sync(bytes) }.map_err(|e| driver_error("allocation (cuMemAlloc)", e))?;
-        let buffer = DeviceBuffer { ptr, len, device: device.clone(), pooled: false, element: PhantomData };
-        // SAFETY: `ptr` owns `bytes` bytes.
-        unsafe { driver::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| driver_error("memset", e))?;
-        Ok(buffer)
+        let ptr = device.alloc_zeroed(byte_len::<T>(len)?)?;
+        Ok(DeviceBuffer { ptr, len, device: device.clone(), pooled: false, element: PhantomData })
     }
 
     pub fn from_host(device: &Arc<Device>, values: &[T]) -> Result<Self> {
@@ -140,17 +248,14 @@ impl<T: Copy + Default> DeviceBuffer<T> {
     /// memory is written through its address, as views of it (DLPack consumers) also do.
     pub fn write(&self, values: &[T]) -> Result<()> {
         assert_eq!(values.len(), self.len, "DeviceBuffer::write takes exactly the buffer's length");
-        self.device.bind()?;
         // SAFETY: the buffer holds `len` values of `T`.
-        unsafe { driver::memcpy_htod_sync(self.ptr, values) }.map_err(|e| driver_error("copy to the device", e))
+        unsafe { self.device.copy_in(self.ptr, bytemuck::cast_slice(values)) }
     }
 
     pub fn to_host(&self) -> Result<Vec<T>> {
-        let mut values = vec![T::default(); self.len];
-        self.device.bind()?;
+        let mut values = vec![T::zeroed(); self.len];
         // SAFETY: the buffer holds `len` values of `T`.
-        unsafe { driver::memcpy_dtoh_sync(&mut values, self.ptr) }
-            .map_err(|e| driver_error("copy from the device", e))?;
+        unsafe { self.device.copy_out(self.ptr, bytemuck::cast_slice_mut(&mut values)) }?;
         Ok(values)
     }
 
@@ -170,24 +275,15 @@ impl<T: Copy + Default> DeviceBuffer<T> {
 
 impl<T> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
-        // A failure here (a context already torn down at exit) has nobody to report to.
-        if self.device.bind().is_ok() {
-            // SAFETY: freed once. cuMemFree waits for all work; a pooled buffer goes back to the
-            // pool in the default stream's order, after the work of every blocking stream.
-            let _ = unsafe {
-                if self.pooled {
-                    driver::free_async(self.ptr, Stream::DEFAULT.cu())
-                } else {
-                    driver::free_sync(self.ptr)
-                }
-            };
-        }
+        // SAFETY: allocated by this buffer, freed once.
+        unsafe { self.device.free(self.ptr, self.pooled) };
     }
 }
 
-/// A point in a stream's work that other streams, or the host, can wait for.
+/// A point in a stream's work that other streams, or the host, can wait for. The emulator runs
+/// every launch to completion, so its events have happened when they are recorded.
 pub struct Event {
-    raw: CUevent,
+    raw: Option<CUevent>,
     device: Arc<Device>,
 }
 
@@ -198,42 +294,45 @@ unsafe impl Sync for Event {}
 impl Event {
     /// Marks the end of the work queued on `stream` so far.
     pub fn record(device: &Arc<Device>, stream: Stream) -> Result<Event> {
+        if let Backend::Emulator(_) = device.backend {
+            return Ok(Event { raw: None, device: device.clone() });
+        }
         device.bind()?;
         let raw = driver::event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(|e| driver_error("event creation", e))?;
-        let event = Event { raw, device: device.clone() };
+        let event = Event { raw: Some(raw), device: device.clone() };
         // SAFETY: both handles are live; the stream is the caller's, per `Stream::from_raw`.
-        unsafe { driver::event::record(event.raw, stream.cu()) }.map_err(|e| driver_error("event record", e))?;
+        unsafe { driver::event::record(raw, stream.cu()) }.map_err(|e| driver_error("event record", e))?;
         Ok(event)
     }
 
     /// Makes `stream` wait for this event without blocking the host.
     pub fn order_before(&self, stream: Stream) -> Result<()> {
+        let Some(raw) = self.raw else { return Ok(()) };
         self.device.bind()?;
         // SAFETY: both handles are live.
         unsafe {
-            driver::stream::wait_event(
-                stream.cu(),
-                self.raw,
-                cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
+            driver::stream::wait_event(stream.cu(), raw, cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
         }
         .map_err(|e| driver_error("stream wait", e))
     }
 
     /// Blocks the host until the event has happened; reports a kernel fault as an error.
     pub fn wait(&self) -> Result<()> {
+        let Some(raw) = self.raw else { return Ok(()) };
         self.device.bind()?;
         // SAFETY: the handle is live.
-        unsafe { driver::event::synchronize(self.raw) }.map_err(|e| driver_error("waiting for the GPU", e))
+        unsafe { driver::event::synchronize(raw) }.map_err(|e| driver_error("waiting for the GPU", e))
     }
 }
 
 impl Drop for Event {
     fn drop(&mut self) {
-        if self.device.bind().is_ok() {
-            // SAFETY: created in `record`, destroyed once (CUDA defers it until the event happens).
-            let _ = unsafe { driver::event::destroy(self.raw) };
+        if let Some(raw) = self.raw {
+            if self.device.bind().is_ok() {
+                // SAFETY: created in `record`, destroyed once (CUDA defers it until the event happens).
+                let _ = unsafe { driver::event::destroy(raw) };
+            }
         }
     }
 }

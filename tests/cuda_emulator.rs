@@ -1,0 +1,233 @@
+//! `src/cuda/kernels.cu` on the CPU, on every commit: the kernels compiled by the system C++
+//! compiler against `tests/cuda_emulator/`, and driven by this crate's own CUDA launcher (geometry,
+//! splits, workspace, argument structs) through `cuda::Device::emulator`, so a launcher bug shows
+//! too. Each case runs the GPU layer and the CPU layer (itself checked against float64 references
+//! elsewhere) on the same data and compares outputs, gradients and running statistics; every case
+//! also runs under several block orders and must give the same bits under each.
+//!
+//! No GPU needed. The emulator needs a C++20 compiler (`$CXX`, else `c++`); without one this test
+//! fails, unless `BATCHNORM_SKIP_EMULATOR=1` says to skip it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use batchnorm::cuda::{CudaBatchNorm2d, Device, DeviceBuffer, DeviceTensor, Stream};
+use batchnorm::{BatchNorm2d, Buffer, Config, Element, Shape, TensorRef};
+
+/// The emulator library, built once per test run.
+fn library() -> Option<&'static PathBuf> {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if std::env::var("BATCHNORM_SKIP_EMULATOR").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: BATCHNORM_SKIP_EMULATOR=1");
+        return None;
+    }
+    Some(BUILT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libbatchnorm_cuda_emulator.so");
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = Command::new(&compiler)
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-g",
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+                "-fno-strict-aliasing",
+                "-I",
+            ])
+            .arg(root.join("src/cuda"))
+            .arg(root.join("tests/cuda_emulator/emulator.cpp"))
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C++ compiler {compiler:?} ({e}); install g++ or set CXX"));
+        assert!(status.success(), "the emulator did not compile ({compiler})");
+        out
+    }))
+}
+
+fn emulator(multiprocessors: u32, seed: u64) -> Option<Arc<Device>> {
+    let library = library()?;
+    // SAFETY: the library is the emulator built above.
+    Some(unsafe { Device::emulator(library, multiprocessors, seed) }.expect("the emulator loads"))
+}
+
+/// Values near `offset` (xorshift), a few far from it.
+fn values<T: Element>(count: usize, seed: u64, offset: f64) -> Vec<T> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+            T::from_f64(offset + if i % 53 == 0 { 40.0 * u } else { 2.0 * u - 1.0 })
+        })
+        .collect()
+}
+
+/// Everything one training step and one eval step produce, from the device.
+#[derive(Debug, PartialEq)]
+struct Step<T> {
+    y: Vec<T>,
+    dx: Vec<T>,
+    y_eval: Vec<T>,
+    dx_eval: Vec<T>,
+    state: Vec<(Buffer, Vec<T>)>,
+}
+
+/// Runs two training steps (the second accumulating gradients), then eval, on the device, with
+/// the input, grad_output and outputs `skip` elements into their buffers.
+fn run_device<T: Element + bytemuck::Pod>(
+    device: &Arc<Device>,
+    host: &BatchNorm2d<T>,
+    x: &[T],
+    dy: &[T],
+    shape: Shape,
+    skip: usize,
+) -> Step<T> {
+    let mut layer = CudaBatchNorm2d::new(host.clone(), device).unwrap();
+    let buffer = |values: &[T]| {
+        let mut padded = vec![T::ZERO; skip];
+        padded.extend_from_slice(values);
+        DeviceBuffer::from_host(device, &padded).unwrap()
+    };
+    let (xb, dyb, yb, dxb) = (buffer(x), buffer(dy), buffer(&vec![T::ZERO; x.len()]), buffer(&vec![T::ZERO; x.len()]));
+    // SAFETY: four live buffers of `skip + numel` values on the layer's device.
+    let at = |b: &DeviceBuffer<T>| unsafe { DeviceTensor::from_raw(b.ptr() + (skip * size_of::<T>()) as u64, shape) };
+    let read = |b: &DeviceBuffer<T>| b.to_host().unwrap()[skip..].to_vec();
+    // SAFETY: as above; every call is synchronous on the emulator.
+    unsafe {
+        for _ in 0..2 {
+            layer.forward(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
+            layer.backward(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
+        }
+    }
+    let (y, dx) = (read(&yb), read(&dxb));
+    layer.set_training(false);
+    // SAFETY: as above.
+    unsafe {
+        layer.forward(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
+        layer.backward(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
+    }
+    let back = layer.to_host().unwrap();
+    let state = Buffer::ALL.iter().filter_map(|&which| Some((which, back.buffer(which)?.to_vec()))).collect();
+    Step { y, dx, y_eval: read(&yb), dx_eval: read(&dxb), state }
+}
+
+/// The same steps on the CPU layer.
+fn run_cpu<T: Element>(host: &BatchNorm2d<T>, x: &[T], dy: &[T], shape: Shape) -> Step<T> {
+    let mut layer = host.clone();
+    let (xr, dyr) = (TensorRef::contiguous(x, shape).unwrap(), TensorRef::contiguous(dy, shape).unwrap());
+    let (mut y, mut dx) = (vec![T::ZERO; x.len()], vec![T::ZERO; x.len()]);
+    for _ in 0..2 {
+        let saved = layer.forward(&xr, &mut y).unwrap();
+        layer.backward(&saved, &xr, &dyr, &mut dx).unwrap();
+    }
+    layer.set_training(false);
+    let (mut y_eval, mut dx_eval) = (vec![T::ZERO; x.len()], vec![T::ZERO; x.len()]);
+    let saved = layer.forward(&xr, &mut y_eval).unwrap();
+    layer.backward(&saved, &xr, &dyr, &mut dx_eval).unwrap();
+    let state = Buffer::ALL.iter().filter_map(|&which| Some((which, layer.buffer(which)?.to_vec()))).collect();
+    Step { y, dx, y_eval, dx_eval, state }
+}
+
+fn assert_close<T: Element>(got: &Step<T>, want: &Step<T>, tolerance: f64, context: &str) {
+    let close = |name: &str, a: &[T], b: &[T]| {
+        assert_eq!(a.len(), b.len(), "{name} {context}");
+        let scale = b.iter().map(|v| v.to_f64().abs()).fold(1.0, f64::max);
+        for (i, (a, b)) in a.iter().zip(b).enumerate() {
+            let (a, b) = (a.to_f64(), b.to_f64());
+            assert!(
+                (a - b).abs() <= tolerance * scale || (a.is_nan() && b.is_nan()),
+                "{name}[{i}]: {a} vs {b}, {context}"
+            );
+        }
+    };
+    close("y", &got.y, &want.y);
+    close("grad_input", &got.dx, &want.dx);
+    close("y eval", &got.y_eval, &want.y_eval);
+    close("grad_input eval", &got.dx_eval, &want.dx_eval);
+    assert_eq!(got.state.len(), want.state.len(), "{context}");
+    for ((which, a), (_, b)) in got.state.iter().zip(&want.state) {
+        close(which.name(), a, b);
+    }
+}
+
+/// The configurations the launcher and kernels treat differently.
+fn configs(c: usize) -> Vec<Config> {
+    let base = Config::new(c);
+    vec![
+        base.clone(),
+        Config { momentum: None, ..base.clone() },
+        Config { affine: false, ..base.clone() },
+        Config { bias: false, ..base.clone() },
+        Config { track_running_stats: false, ..base.clone() },
+        Config { affine: false, track_running_stats: false, eps: 1e-3, ..base },
+    ]
+}
+
+/// Plane sizes that are and are not a multiple of the wide load, N = 1, C = 1, and shapes large
+/// enough that a channel's statistics split across several blocks.
+const SHAPES: [Shape; 7] = [
+    Shape::new(3, 5, 7, 7),
+    Shape::new(2, 4, 8, 8),
+    Shape::new(1, 3, 5, 5),
+    Shape::new(4, 1, 6, 6),
+    Shape::new(16, 2, 32, 32),
+    Shape::new(40, 3, 15, 15),
+    Shape::new(2, 300, 2, 2),
+];
+
+fn check<T: Element + bytemuck::Pod>(tolerance: f64) {
+    let Some(device) = emulator(8, 1) else { return };
+    for shape in SHAPES {
+        let (x, dy) = (values::<T>(shape.numel(), 1, 5.0), values::<T>(shape.numel(), 2, 0.0));
+        for config in configs(shape.c) {
+            let mut host = BatchNorm2d::<T>::new(config.clone()).unwrap();
+            if let Some(weight) = host.buffer_mut(Buffer::Weight) {
+                weight.copy_from_slice(&values::<T>(shape.c, 3, 1.0));
+            }
+            if let Some(bias) = host.buffer_mut(Buffer::Bias) {
+                bias.copy_from_slice(&values::<T>(shape.c, 4, 0.0));
+            }
+            let want = run_cpu(&host, &x, &dy, shape);
+            // skip 1: pointers off 16-byte alignment take the narrow kernels.
+            for skip in [0, 1] {
+                let got = run_device(&device, &host, &x, &dy, shape, skip);
+                assert_close(&got, &want, tolerance, &format!("{shape:?} {config:?} {skip} elements in"));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_matches_the_cpu_layer_in_float32() {
+    check::<f32>(2e-5);
+}
+
+#[test]
+fn every_kernel_matches_the_cpu_layer_in_float64() {
+    check::<f64>(1e-12);
+}
+
+/// The last block of a channel combines the partials in index order, so the order blocks run in
+/// never changes a bit. Split counts follow the GPU's multiprocessor count (the launcher aims at
+/// a number of blocks per multiprocessor), so results are compared per count.
+#[test]
+fn block_order_never_changes_a_bit() {
+    let shape = Shape::new(64, 2, 32, 32);
+    let (x, dy) = (values::<f32>(shape.numel(), 5, 3.0), values::<f32>(shape.numel(), 6, 0.0));
+    let host = BatchNorm2d::<f32>::new(Config::new(shape.c)).unwrap();
+    for multiprocessors in [1, 8, 132] {
+        let Some(first) = emulator(multiprocessors, 1) else { return };
+        let reference = run_device(&first, &host, &x, &dy, shape, 0);
+        for seed in 2..6 {
+            let device = emulator(multiprocessors, seed).unwrap();
+            assert!(run_device(&device, &host, &x, &dy, shape, 0) == reference, "{multiprocessors} SMs, seed {seed}");
+        }
+    }
+}
