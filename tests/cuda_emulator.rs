@@ -15,38 +15,71 @@ use std::sync::{Arc, OnceLock};
 use batchnorm::cuda::{CudaBatchNorm2d, Device, DeviceBuffer, DeviceTensor, Stream};
 use batchnorm::{BatchNorm2d, Buffer, Config, Element, Shape, TensorRef};
 
+/// Compiles `sources` with the C++ compiler into `out`, with `flags` (`-shared -fPIC` for a library).
+fn compile(source: &str, out: &str, flags: &[&str]) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(out);
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    // No strict aliasing: kernels.cu type-puns loads as CUDA code does, which nvcc allows.
+    let status = Command::new(&compiler)
+        .args(["-std=c++20", "-O2", "-g", "-Wall", "-Wno-unknown-pragmas", "-fno-strict-aliasing"])
+        .args(flags)
+        .arg("-I")
+        .arg(root.join("src/cuda"))
+        .arg(root.join("tests/cuda_emulator").join(source))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {compiler:?} ({e}); install g++ or set CXX"));
+    assert!(status.success(), "{source} did not compile ({compiler})");
+    out
+}
+
+fn skipped() -> bool {
+    let skip = std::env::var("BATCHNORM_SKIP_EMULATOR").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("skipped: BATCHNORM_SKIP_EMULATOR=1");
+    }
+    skip
+}
+
 /// The emulator library, built once per test run.
 fn library() -> Option<&'static PathBuf> {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    if std::env::var("BATCHNORM_SKIP_EMULATOR").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: BATCHNORM_SKIP_EMULATOR=1");
+    if skipped() {
         return None;
     }
-    Some(BUILT.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libbatchnorm_cuda_emulator.so");
-        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let status = Command::new(&compiler)
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-g",
-                "-shared",
-                "-fPIC",
-                "-Wall",
-                "-Wno-unknown-pragmas",
-                "-fno-strict-aliasing",
-                "-I",
-            ])
-            .arg(root.join("src/cuda"))
-            .arg(root.join("tests/cuda_emulator/emulator.cpp"))
-            .arg("-o")
-            .arg(&out)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run the C++ compiler {compiler:?} ({e}); install g++ or set CXX"));
-        assert!(status.success(), "the emulator did not compile ({compiler})");
-        out
-    }))
+    Some(BUILT.get_or_init(|| compile("emulator.cpp", "libbatchnorm_cuda_emulator.so", &["-shared", "-fPIC"])))
+}
+
+/// The emulator catches the bugs it is for: a barrier reached from different lines or after
+/// threads exited, a full-mask shuffle after lanes exited, a deadlock; a correct reduction passes.
+#[test]
+fn the_emulator_catches_divergent_barriers_shuffles_after_exit_and_deadlocks() {
+    if skipped() {
+        return;
+    }
+    let program = compile("selftest.cpp", "batchnorm_cuda_emulator_selftest", &[]);
+    let output = Command::new(&program).output().expect("the self-test runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+}
+
+/// A kernel writing past its buffer is reported by the guard bytes around every allocation.
+#[test]
+fn a_write_outside_an_allocation_is_an_error() {
+    let Some(device) = emulator(8, 1) else { return };
+    let shape = Shape::new(2, 3, 4, 4);
+    let x: Vec<f32> = values(shape.numel(), 1, 0.0);
+    let mut layer = CudaBatchNorm2d::new(BatchNorm2d::<f32>::new(Config::new(3)).unwrap(), &device).unwrap();
+    let xb = DeviceBuffer::from_host(&device, &x).unwrap();
+    let yb = DeviceBuffer::<f32>::zeroed(&device, x.len() - 4).unwrap();
+    // The output tensor claims 4 values more than its buffer holds (as a wrong launcher would).
+    // SAFETY: the emulator's memory is host memory, and the 4 extra values land in the guard.
+    let error = unsafe {
+        layer.forward(DeviceTensor::from_raw(xb.ptr(), shape), DeviceTensor::from_raw(yb.ptr(), shape), Stream::DEFAULT)
+    }
+    .unwrap_err();
+    assert!(error.to_string().contains("wrote outside an allocation"), "{error}");
 }
 
 fn emulator(multiprocessors: u32, seed: u64) -> Option<Arc<Device>> {

@@ -144,29 +144,29 @@ bool run_block(Block& b) {
         bool progressed = false;
         if (!exchange_shuffles(b, progressed)) return false;
         if (progressed) continue;
-        unsigned live = 0, at_barrier = 0, line = 0;
+        unsigned live = 0, at_barrier = 0;
+        int line = 0, other_line = 0;
         for (const Fiber& f : b.fibers) {
             if (f.state == State::Done) continue;
             live++;
-            if (f.state == State::AtBarrier) {
-                if (at_barrier > 0 && f.line != static_cast<int>(line)) {
-                    b.error = "__syncthreads reached from different lines (" + std::to_string(line) + " and " +
-                              std::to_string(f.line) + ") in " + at_block(b);
-                    return false;
-                }
-                at_barrier++;
-                line = f.line;
-            }
+            if (f.state != State::AtBarrier) continue;
+            if (at_barrier++ == 0) line = f.line;
+            if (f.line != line) other_line = f.line;
         }
         if (live == 0) return true;
-        if (at_barrier == live && live < b.threads) {
-            b.error = "__syncthreads at line " + std::to_string(line) + " after " + std::to_string(b.threads - live) +
-                      " threads exited, in " + at_block(b);
-            return false;
-        }
         if (at_barrier < live) {
             b.error = "deadlock in " + at_block(b) + ": " + std::to_string(at_barrier) +
                       " threads wait at a barrier, the others at a shuffle their warp never completes";
+            return false;
+        }
+        if (other_line != 0) {
+            b.error = "__syncthreads reached from different lines (" + std::to_string(line) + " and " +
+                      std::to_string(other_line) + ") in " + at_block(b);
+            return false;
+        }
+        if (live < b.threads) {
+            b.error = "__syncthreads at line " + std::to_string(line) + " after " + std::to_string(b.threads - live) +
+                      " threads exited, in " + at_block(b);
             return false;
         }
         for (Fiber& f : b.fibers) f.state = State::Ready;
