@@ -58,7 +58,7 @@ pub fn nvrtc() -> Result<()> {
     }
     let candidates = nvrtc_candidates();
     for candidate in &candidates {
-        if candidate.is_file() && preload(candidate) {
+        if candidate.is_file() && preload_with_builtins(candidate) {
             *loaded = true;
             return Ok(());
         }
@@ -87,18 +87,38 @@ fn nvrtc_candidates() -> Vec<PathBuf> {
     candidates
 }
 
-/// Loads `path` for the rest of the process with its symbols global, so that a later
-/// `dlopen("libnvrtc.so.13")` by name matches it by its SONAME.
-fn preload(path: &Path) -> bool {
+/// Preloads NVRTC's builtins library from `nvrtc`'s folder first: NVRTC opens it by name when it
+/// compiles, and the dynamic loader does not look in a pip wheel's folder.
+fn preload_with_builtins(nvrtc: &Path) -> bool {
+    let builtins = nvrtc.parent().and_then(|folder| std::fs::read_dir(folder).ok()).into_iter().flatten();
+    for entry in builtins.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("libnvrtc-builtins.so.") {
+            // A failure shows as NVRTC's own error at compile time, which names the library.
+            let _ = open_global(&entry.path());
+        }
+    }
+    preload(nvrtc)
+}
+
+/// `dlopen(path, RTLD_NOW | RTLD_GLOBAL)`, kept open for the process's lifetime.
+fn open_global(path: &Path) -> bool {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
-    // SAFETY: NVRTC's initializers only set up the library itself.
+    // SAFETY: NVIDIA's libraries' initializers only set up the library itself.
     match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) } {
         Ok(library) => {
-            // Kept loaded for the process's lifetime: cudarc holds pointers into it.
+            // cudarc and NVRTC hold pointers into it.
             std::mem::forget(library);
-            // SAFETY: as above.
-            unsafe { cudarc::nvrtc::sys::is_culib_present() }
+            true
         }
         Err(_) => false,
     }
+}
+
+/// Loads `path` for the rest of the process with its symbols global, so that a later
+/// `dlopen("libnvrtc.so.13")` by name matches it by its SONAME.
+fn preload(path: &Path) -> bool {
+    // SAFETY: only tries to dlopen NVRTC by its usual names, which now match the loaded one.
+    open_global(path) && unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
