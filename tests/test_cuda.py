@@ -314,3 +314,11 @@ def test_eps_is_checked_on_the_gpu_as_on_the_cpu(rng):
     assert m.num_batches_tracked == 0
     m.eval()
     m(x)  # eps = 0 is allowed with running statistics, as in PyTorch
+
+
+@needs_gpu
+def test_dlpack_refuses_a_negative_stream_other_than_minus_one():
+    y = batchnorm.BatchNorm2d(3, device="cuda").running_mean
+    with pytest.raises(ValueError, match="stream=-2"):
+        y.__dlpack__(stream=-2)
+    y.__dlpack__(stream=-1)

@@ -36,6 +36,8 @@ pub(crate) unsafe fn backward<T: Element>(
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
     let splits = geometry.splits(device, workspace);
+    // Every fallible step before the first launch, so a failure queues nothing.
+    let tiles = geometry.tiles()?;
     let args = BackwardArgs {
         x: x.ptr(),
         dy: dy.ptr(),
@@ -49,5 +51,5 @@ pub(crate) unsafe fn backward<T: Element>(
         ..geometry.backward_args(workspace)
     };
     launch(device, &geometry.kernel::<T>("gradient_sums"), (geometry.channels as u32, splits as u32), stream, &args)?;
-    launch(device, &geometry.kernel::<T>("input_gradient"), (geometry.tiles()?, 1), stream, &args)
+    launch(device, &geometry.kernel::<T>("input_gradient"), (tiles, 1), stream, &args)
 }

@@ -35,9 +35,11 @@ pub(crate) unsafe fn train<T: Element>(
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
     let splits = geometry.splits(device, workspace);
+    // Every fallible step before the first launch, so a failure queues nothing.
+    let tiles = geometry.tiles()?;
     let args = ForwardArgs { splits, ..arguments(&geometry, workspace, x, y, parameters) };
     launch(device, &geometry.kernel::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
-    launch(device, &geometry.kernel::<T>("normalize"), (geometry.tiles()?, 1), stream, &args)
+    launch(device, &geometry.kernel::<T>("normalize"), (tiles, 1), stream, &args)
 }
 
 /// Normalizes `x` into `y` with the running statistics (which `parameters` must point to),
@@ -54,11 +56,12 @@ pub(crate) unsafe fn eval<T: Element>(
     workspace: &Workspace,
 ) -> Result<()> {
     let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
+    let tiles = geometry.tiles()?;
     let args = arguments(&geometry, workspace, x, y, parameters);
     let coefficient_blocks = geometry.channels.div_ceil(256) as u32;
     let coefficients = format!("eval_coefficients_{}", super::launch::dtype_suffix::<T>());
     launch(device, &coefficients, (coefficient_blocks, 1), stream, &args)?;
-    launch(device, &geometry.kernel::<T>("normalize"), (geometry.tiles()?, 1), stream, &args)
+    launch(device, &geometry.kernel::<T>("normalize"), (tiles, 1), stream, &args)
 }
 
 /// The kernels' arguments for a forward of `x` into `y` (one statistics split per channel).

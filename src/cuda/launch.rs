@@ -113,10 +113,11 @@ pub(crate) struct Geometry {
 
 impl Geometry {
     pub(crate) fn new<T: Element>(shape: Shape, pointers: &[u64]) -> Result<Geometry> {
-        if shape.c > u32::MAX as usize {
+        // A launch's gridDim.x (one block per channel) is at most 2³¹ − 1.
+        if shape.c > i32::MAX as usize {
             return Err(Error::Unsupported(format!(
                 "the CUDA kernels take at most {} channels, got {}",
-                u32::MAX,
+                i32::MAX,
                 shape.c
             )));
         }
@@ -144,7 +145,8 @@ impl Geometry {
     /// Blocks of an elementwise pass over the whole tensor.
     pub(crate) fn tiles(&self) -> Result<u32> {
         let packs = self.images * self.channels * (self.plane / self.width);
-        u32::try_from(packs.div_ceil(u64::from(THREADS) * UNROLL).min(i32::MAX as u64 + 1))
+        // gridDim.x is at most 2³¹ − 1.
+        u32::try_from(packs.div_ceil(u64::from(THREADS) * UNROLL).min(i32::MAX as u64))
             .ok()
             .filter(|&tiles| u64::from(tiles) * u64::from(THREADS) * UNROLL >= packs)
             .ok_or_else(|| Error::Unsupported(format!("a tensor of {packs} packs is too large for one launch")))

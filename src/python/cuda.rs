@@ -445,6 +445,11 @@ impl DeviceArray {
                     "stream=0 is ambiguous for CUDA in DLPack; use 1 (legacy default) or 2 (per-thread default)",
                 ))
             }
+            Some(negative) if negative < 0 => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "__dlpack__ takes stream=-1 (no synchronization), None, or a stream handle; got stream={negative}"
+                )))
+            }
             consumer => {
                 // None: the consumer works on the legacy default stream.
                 // SAFETY: the consumer vouches for its stream.
