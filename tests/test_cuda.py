@@ -12,7 +12,6 @@ import batchnorm
 from helpers import pair, tol
 from reference import ReferenceBatchNorm2d
 
-
 # Only these mean "no GPU here": any other error (an NVRTC compile failure, a module that does not
 # load) must fail the GPU tests, not skip them.
 NO_GPU = ("no CUDA driver was found", "sees no GPU")
@@ -97,6 +96,7 @@ def randomize_parameters(m, ref, rng, dtype):
     if ref.bias is not None:
         ref.bias = rng.standard_normal(c).astype(dtype).astype(np.float64)
         m.bias = ref.bias.astype(dtype)
+
 
 SHAPES = [(4, 3, 8, 8), (2, 5, 7, 7), (3, 2, 5, 6), (1, 4, 1, 9), (4, 3, 5)]
 CONFIGS = [
