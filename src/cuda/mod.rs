@@ -7,7 +7,9 @@
 //!   backward is `backward.rs`; both launch the kernels of `kernels.cu`, which sit next to the
 //!   CPU versions they must match (`src/cpu/forward.rs`, `src/cpu/backward.rs`);
 //! - kernel arguments, workspace and launch geometry: `launch.rs`;
-//! - devices, and the kernels compiled by NVRTC for each, once per process: `device.rs`;
+//! - devices, and the kernels compiled by NVRTC for each, once per process: `device.rs`; there
+//!   too [`Device::emulator`], the CPU emulator of `kernels.cu` (`tests/cuda_emulator/`) standing
+//!   in for a GPU, so tests drive the kernels through this same launcher without one;
 //! - device memory, borrowed tensors, streams and events: `memory.rs`;
 //! - finding the driver and NVRTC (pip's `nvidia-cuda-nvrtc` included): `library.rs`.
 //!
