@@ -143,7 +143,9 @@ pub fn device(ordinal: usize) -> Result<Arc<Device>> {
 
 impl Device {
     fn open(ordinal: usize) -> Result<Device> {
-        library::nvrtc()?;
+        if let Some(driver) = library::driver_cuda_major() {
+            library::check_versions(library::nvrtc_version()?, driver)?;
+        }
         let context = CudaContext::new(ordinal).map_err(|e| driver_error("context creation", e))?;
         // This crate orders its work with its own events (see `layer.rs`), on streams it borrows.
         // SAFETY: no CudaSlice of this context is ever created.

@@ -10,9 +10,10 @@ use std::sync::{Mutex, OnceLock};
 use crate::error::{Error, Result};
 
 /// Where pip's NVIDIA wheels put NVRTC under a `site-packages` folder, newest first, with the
-/// library's file name: CUDA 13's `nvidia-cuda-nvrtc` and CUDA 12's `nvidia-cuda-nvrtc-cu12`.
-const PIP_NVRTC: [(&str, &str); 2] =
-    [("nvidia/cu13/lib", "libnvrtc.so.13"), ("nvidia/cuda_nvrtc/lib", "libnvrtc.so.12")];
+/// library's file name and its CUDA major version: CUDA 13's `nvidia-cuda-nvrtc` and CUDA 12's
+/// `nvidia-cuda-nvrtc-cu12`.
+const PIP_NVRTC: [(&str, &str, u32); 2] =
+    [("nvidia/cu13/lib", "libnvrtc.so.13", 13), ("nvidia/cuda_nvrtc/lib", "libnvrtc.so.12", 12)];
 
 /// Toolkit folders NVRTC is also looked for in, after the dynamic loader's own search.
 const TOOLKIT_ENV: [&str; 2] = ["CUDA_HOME", "CUDA_PATH"];
@@ -72,19 +73,61 @@ pub fn nvrtc() -> Result<()> {
     )))
 }
 
+/// NVRTC's files to try, those the driver can load the output of first: a cubin from an NVRTC
+/// newer than the driver does not load.
 fn nvrtc_candidates() -> Vec<PathBuf> {
     let roots = SEARCH_ROOTS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut wheels = PIP_NVRTC.to_vec();
+    if let Some(driver) = driver_cuda_major() {
+        wheels.sort_by_key(|&(_, _, major)| (major > driver, std::cmp::Reverse(major)));
+    }
     let mut candidates: Vec<PathBuf> = roots
         .iter()
-        .flat_map(|root| PIP_NVRTC.iter().map(move |(folder, file)| root.join(folder).join(file)))
+        .flat_map(|root| wheels.iter().map(move |(folder, file, _)| root.join(folder).join(file)))
         .collect();
     let toolkits = TOOLKIT_ENV.iter().filter_map(std::env::var_os).map(PathBuf::from);
     for toolkit in toolkits.chain([PathBuf::from(TOOLKIT_DEFAULT)]) {
-        for (_, file) in PIP_NVRTC {
+        for (_, file, _) in &wheels {
             candidates.push(toolkit.join("lib64").join(file));
         }
     }
     candidates
+}
+
+/// The newest CUDA major version the driver supports (13 for a 580 driver), when there is one.
+pub(crate) fn driver_cuda_major() -> Option<u32> {
+    driver().ok()?;
+    let mut version = 0;
+    // SAFETY: writes one int; callable before cuInit.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }.result().ok()?;
+    u32::try_from(version / 1000).ok()
+}
+
+/// The loaded NVRTC's (major, minor) version.
+pub(crate) fn nvrtc_version() -> Result<(u32, u32)> {
+    nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| Error::Cuda(format!("NVRTC version: {:?}", e.0)))?;
+    Ok((major.max(0) as u32, minor.max(0) as u32))
+}
+
+/// An error when NVRTC is newer than the driver, whose cubins the driver could not load.
+pub(crate) fn check_versions(nvrtc: (u32, u32), driver_major: u32) -> Result<()> {
+    if nvrtc.0 <= driver_major {
+        return Ok(());
+    }
+    let wheel = match driver_major {
+        12 => "nvidia-cuda-nvrtc-cu12".to_string(),
+        _ => format!("an NVRTC of CUDA {driver_major} or older"),
+    };
+    Err(Error::Cuda(format!(
+        "NVRTC {}.{} was found, but this NVIDIA driver supports CUDA {driver_major} at most, and cannot load what \
+         a newer NVRTC compiles: install {wheel} (or a newer driver)",
+        nvrtc.0, nvrtc.1
+    )))
 }
 
 /// Preloads NVRTC's builtins library from `nvrtc`'s folder first: NVRTC opens it by name when it
@@ -121,4 +164,17 @@ fn open_global(path: &Path) -> bool {
 fn preload(path: &Path) -> bool {
     // SAFETY: only tries to dlopen NVRTC by its usual names, which now match the loaded one.
     open_global(path) && unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_versions;
+
+    #[test]
+    fn an_nvrtc_newer_than_the_driver_is_an_error_that_says_what_to_install() {
+        assert!(check_versions((12, 8), 13).is_ok());
+        assert!(check_versions((13, 0), 13).is_ok());
+        let error = check_versions((13, 0), 12).unwrap_err().to_string();
+        assert!(error.contains("NVRTC 13.0") && error.contains("CUDA 12") && error.contains("nvidia-cuda-nvrtc-cu12"));
+    }
 }
