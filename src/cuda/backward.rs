@@ -50,6 +50,12 @@ pub(crate) unsafe fn backward<T: Element>(
         accumulate: u64::from(gradients.accumulate),
         ..geometry.backward_args(workspace)
     };
-    launch(device, &geometry.kernel::<T>("gradient_sums"), (geometry.channels as u32, splits as u32), stream, &args)?;
+    launch(
+        device,
+        &geometry.reduction::<T>("gradient_sums"),
+        (geometry.channels as u32, splits as u32),
+        stream,
+        &args,
+    )?;
     launch(device, &geometry.kernel::<T>("input_gradient"), (tiles, 1), stream, &args)
 }

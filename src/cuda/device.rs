@@ -16,8 +16,12 @@ use super::library;
 use crate::error::{Error, Result};
 
 const KERNELS_SOURCE: &str = include_str!("kernels.cu");
-/// Every entry point of `kernels.cu`; see its `ENTRY_POINTS`.
-const KERNELS: [&str; 4] = ["statistics", "normalize", "gradient_sums", "input_gradient"];
+/// Every entry point of `kernels.cu` (see its `REDUCTIONS` and `ELEMENTWISE`): the reductions
+/// in every width, wide ones also for unaligned pointers; the element-wise passes; eval's
+/// coefficients.
+const REDUCTIONS: [&str; 2] = ["statistics", "gradient_sums"];
+const REDUCTION_WIDTHS: [&str; 6] = ["f32x4", "f32x4u", "f32x1", "f64x2", "f64x2u", "f64x1"];
+const ELEMENTWISE: [&str; 2] = ["normalize", "input_gradient"];
 const WIDTHS: [&str; 4] = ["f32x4", "f32x1", "f64x2", "f64x1"];
 const EVAL_COEFFICIENTS: [&str; 2] = ["eval_coefficients_f32", "eval_coefficients_f64"];
 
@@ -157,9 +161,10 @@ impl Device {
             .map_err(|e| driver_error("multiprocessor count", e))?;
         let image = compile(&format!("sm_{major}{minor}"))?;
         let module = context.load_module(Ptx::from_binary(image)).map_err(|e| driver_error("module load", e))?;
-        let names = KERNELS
+        let names = REDUCTIONS
             .iter()
-            .flat_map(|kernel| WIDTHS.iter().map(move |width| format!("{kernel}_{width}")))
+            .flat_map(|kernel| REDUCTION_WIDTHS.iter().map(move |width| format!("{kernel}_{width}")))
+            .chain(ELEMENTWISE.iter().flat_map(|kernel| WIDTHS.iter().map(move |width| format!("{kernel}_{width}"))))
             .chain(EVAL_COEFFICIENTS.iter().map(|name| name.to_string()));
         let mut functions = HashMap::new();
         for name in names {

@@ -38,7 +38,7 @@ pub(crate) unsafe fn train<T: Element>(
     // Every fallible step before the first launch, so a failure queues nothing.
     let tiles = geometry.tiles()?;
     let args = ForwardArgs { splits, ..arguments(&geometry, workspace, x, y, parameters) };
-    launch(device, &geometry.kernel::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
+    launch(device, &geometry.reduction::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
     launch(device, &geometry.kernel::<T>("normalize"), (tiles, 1), stream, &args)
 }
 

@@ -4,6 +4,8 @@
 // Tensors are (N, C, HW) and C-contiguous. Every kernel exists per element type and load width:
 // `<kernel>_f32x4`, `_f32x1`, `_f64x2`, `_f64x1` (entry points at the end). The wide versions move
 // 16 bytes per load and run when HW is a multiple of the width and the pointers are 16-byte aligned.
+// The reductions group values into packs by HW alone, so they also have unaligned wide versions
+// (`_f32x4u`, `_f64x2u`) that load packs value by value and give the same bits.
 //
 // The CPU kernels they must match: the training forward in src/cpu/forward.rs, the backward in
 // src/cpu/backward.rs. As there, sums are kept in double with each channel shifted by one of its
@@ -169,8 +171,10 @@ __device__ __forceinline__ Index tile_first() {
     return tile * (THREADS * UNROLL) + threadIdx.x;
 }
 
-// Channel c's packs, addressed 0 .. N * HW / W in (image, offset) order.
-template <typename T, int W, typename Index>
+// Channel c's packs, addressed 0 .. N * HW / W in (image, offset) order. Unaligned, a pack is
+// loaded value by value: the reductions group values into packs by the plane alone, so an array's
+// address never changes which thread sums which value, nor a bit of the result.
+template <typename T, int W, typename Index, bool ALIGNED>
 struct ChannelWalk {
     const T* base;  // first value of channel c in image 0
     Index plane_packs;
@@ -178,7 +182,15 @@ struct ChannelWalk {
     __device__ __forceinline__ Pack<T, W> load(Index k) const {
         Index image = k / plane_packs;
         Index at = k - image * plane_packs;
-        return reinterpret_cast<const Pack<T, W>*>(base + image * image_stride)[at];
+        if constexpr (ALIGNED) {
+            return reinterpret_cast<const Pack<T, W>*>(base + image * image_stride)[at];
+        } else {
+            Pack<T, W> pack;
+            const T* values = base + image * image_stride + static_cast<u64>(at) * W;
+#pragma unroll
+            for (int e = 0; e < W; e++) pack.v[e] = values[e];
+            return pack;
+        }
     }
 };
 
@@ -190,13 +202,13 @@ __device__ __forceinline__ T weight_or_one(const void* weight, unsigned c) {
 // Pass 1 of the training forward: block (c, split) reduces its share of channel c to moments;
 // the channel's last block combines the partials, writes the mean and 1/std the backward needs,
 // the coefficients of pass 2, and blends the running statistics.
-template <typename T, int W, typename Index>
+template <typename T, int W, typename Index, bool ALIGNED>
 __device__ void statistics(const ForwardArgs& a) {
     const unsigned c = blockIdx.x, split = blockIdx.y;
     const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
     const Index begin = range.begin, end = range.end;
-    const ChannelWalk<T, W, Index> walk{static_cast<const T*>(a.x) + c * a.plane, static_cast<Index>(a.plane / W),
-                                        a.channels * a.plane};
+    const ChannelWalk<T, W, Index, ALIGNED> walk{static_cast<const T*>(a.x) + c * a.plane,
+                                                 static_cast<Index>(a.plane / W), a.channels * a.plane};
     const double shift = static_cast<double>(walk.base[0]);
     double n = 0.0, s1 = 0.0, s2 = 0.0;
     for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
@@ -319,14 +331,16 @@ __device__ void normalize(const ForwardArgs& a) {
 
 // Pass 1 of the backward: Σ dy and Σ dy·(x − mean) per channel, both reductions in one read of
 // x and dy; the last block per channel writes grad_weight, grad_bias and pass 2's coefficients.
-template <typename T, int W, typename Index>
+template <typename T, int W, typename Index, bool ALIGNED>
 __device__ void gradient_sums(const BackwardArgs& a) {
     const unsigned c = blockIdx.x, split = blockIdx.y;
     const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
     const Index begin = range.begin, end = range.end;
     const Index plane_packs = static_cast<Index>(a.plane / W);
-    const ChannelWalk<T, W, Index> xs{static_cast<const T*>(a.x) + c * a.plane, plane_packs, a.channels * a.plane};
-    const ChannelWalk<T, W, Index> dys{static_cast<const T*>(a.dy) + c * a.plane, plane_packs, a.channels * a.plane};
+    const ChannelWalk<T, W, Index, ALIGNED> xs{static_cast<const T*>(a.x) + c * a.plane, plane_packs,
+                                               a.channels * a.plane};
+    const ChannelWalk<T, W, Index, ALIGNED> dys{static_cast<const T*>(a.dy) + c * a.plane, plane_packs,
+                                                a.channels * a.plane};
     const double mean = a.saved_mean[c];
     Sums own{0.0, 0.0};
     for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
@@ -417,25 +431,36 @@ __device__ void input_gradient(const BackwardArgs& a) {
 // 32-bit index arithmetic (a third of the instructions of 64-bit division) whenever the tensor allows.
 #define INDEXED(body, wide_count, T, W) \
     if ((wide_count) <= 0xffffffffull) body<T, W, unsigned>(a); else body<T, W, u64>(a);
+#define REDUCTION_INDEXED(body, wide_count, T, W, ALIGNED) \
+    if ((wide_count) <= 0xffffffffull) body<T, W, unsigned, ALIGNED>(a); else body<T, W, u64, ALIGNED>(a);
 
-#define ENTRY_POINTS(T, W, SUFFIX)                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) statistics_##SUFFIX(ForwardArgs a) {         \
-        INDEXED(statistics, a.images * (a.plane / W) + THREADS * UNROLL, T, W)                                             \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS) normalize_##SUFFIX(ForwardArgs a) {          \
-        INDEXED(normalize, a.images * a.channels * (a.plane / W) + THREADS * UNROLL, T, W)              \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS) gradient_sums_##SUFFIX(BackwardArgs a) {     \
-        INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * UNROLL, T, W)                                          \
-    }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS) input_gradient_##SUFFIX(BackwardArgs a) {    \
-        INDEXED(input_gradient, a.images * a.channels * (a.plane / W) + THREADS * UNROLL, T, W)         \
+// The reductions of width W, for pointers that are (SUFFIX) and are not (SUFFIX##u) 16-byte aligned.
+#define REDUCTIONS(T, W, SUFFIX, ALIGNED)                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) statistics_##SUFFIX(ForwardArgs a) {            \
+        REDUCTION_INDEXED(statistics, a.images * (a.plane / W) + THREADS * UNROLL, T, W, ALIGNED)          \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS) gradient_sums_##SUFFIX(BackwardArgs a) {        \
+        REDUCTION_INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * UNROLL, T, W, ALIGNED)       \
     }
 
-ENTRY_POINTS(float, 4, f32x4)
-ENTRY_POINTS(float, 1, f32x1)
-ENTRY_POINTS(double, 2, f64x2)
-ENTRY_POINTS(double, 1, f64x1)
+#define ELEMENTWISE(T, W, SUFFIX)                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS) normalize_##SUFFIX(ForwardArgs a) {             \
+        INDEXED(normalize, a.images * a.channels * (a.plane / W) + THREADS * UNROLL, T, W)                 \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS) input_gradient_##SUFFIX(BackwardArgs a) {       \
+        INDEXED(input_gradient, a.images * a.channels * (a.plane / W) + THREADS * UNROLL, T, W)            \
+    }
+
+REDUCTIONS(float, 4, f32x4, true)
+REDUCTIONS(float, 4, f32x4u, false)
+REDUCTIONS(float, 1, f32x1, true)
+REDUCTIONS(double, 2, f64x2, true)
+REDUCTIONS(double, 2, f64x2u, false)
+REDUCTIONS(double, 1, f64x1, true)
+ELEMENTWISE(float, 4, f32x4)
+ELEMENTWISE(float, 1, f32x1)
+ELEMENTWISE(double, 2, f64x2)
+ELEMENTWISE(double, 1, f64x1)
 
 extern "C" __global__ void __launch_bounds__(THREADS) eval_coefficients_f32(ForwardArgs a) { eval_coefficients<float>(a); }
 extern "C" __global__ void __launch_bounds__(THREADS) eval_coefficients_f64(ForwardArgs a) { eval_coefficients<double>(a); }

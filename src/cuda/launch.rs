@@ -102,13 +102,19 @@ fn reduction_target(device: &Device) -> u64 {
     BLOCKS_PER_MULTIPROCESSOR * u64::from(device.multiprocessors())
 }
 
-/// How a launch walks a tensor: its dims and the load width.
+/// How a launch walks a tensor: its dims and the load widths.
 pub(crate) struct Geometry {
     pub images: u64,
     pub channels: u64,
     pub plane: u64,
-    /// Values per load: 16 bytes' worth when every plane and pointer allows it, else 1.
+    /// Values per load of the element-wise passes: 16 bytes' worth when every plane and pointer
+    /// allows it, else 1 (no value depends on it).
     pub width: u64,
+    /// Values per pack of the reductions: 16 bytes' worth when the plane allows it, whatever the
+    /// pointers, so that which thread sums which value depends on the shape alone.
+    pub reduction_width: u64,
+    /// Whether every pointer is 16-byte aligned, so wide packs load in one instruction.
+    aligned: bool,
 }
 
 impl Geometry {
@@ -124,19 +130,26 @@ impl Geometry {
         let wide = (16 / std::mem::size_of::<T>()) as u64;
         let plane = (shape.h * shape.w) as u64;
         let aligned = pointers.iter().all(|p| p % 16 == 0);
-        let width = if plane.is_multiple_of(wide) && aligned { wide } else { 1 };
-        Ok(Geometry { images: shape.n as u64, channels: shape.c as u64, plane, width })
+        let reduction_width = if plane.is_multiple_of(wide) { wide } else { 1 };
+        let width = if aligned { reduction_width } else { 1 };
+        Ok(Geometry { images: shape.n as u64, channels: shape.c as u64, plane, width, reduction_width, aligned })
     }
 
-    /// `<kernel>_f32x4` and the like.
+    /// `normalize_f32x4` and the like.
     pub(crate) fn kernel<T: Element>(&self, kernel: &str) -> String {
         format!("{kernel}_{}x{}", dtype_suffix::<T>(), self.width)
+    }
+
+    /// `statistics_f32x4`, `statistics_f32x4u` (wide packs, unaligned pointers) and the like.
+    pub(crate) fn reduction<T: Element>(&self, kernel: &str) -> String {
+        let unaligned = if self.reduction_width > 1 && !self.aligned { "u" } else { "" };
+        format!("{kernel}_{}x{}{unaligned}", dtype_suffix::<T>(), self.reduction_width)
     }
 
     /// Blocks per channel for a reduction pass: enough blocks in all to fill the GPU, never
     /// fewer than `MIN_PACKS_PER_BLOCK` packs each.
     pub(crate) fn splits(&self, device: &Device, workspace: &Workspace) -> u64 {
-        let packs = self.images * (self.plane / self.width);
+        let packs = self.images * (self.plane / self.reduction_width);
         let wanted = reduction_target(device).div_ceil(self.channels);
         let affordable = (packs / MIN_PACKS_PER_BLOCK).max(1);
         wanted.min(affordable).min(u64::from(u16::MAX)).min(workspace.max_splits_total / self.channels).max(1)

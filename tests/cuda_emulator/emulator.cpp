@@ -180,11 +180,12 @@ struct Entry {
 
 #define FORWARD(name) Entry{#name, [](const void* a) { name(*static_cast<const ForwardArgs*>(a)); }}
 #define BACKWARD(name) Entry{#name, [](const void* a) { name(*static_cast<const BackwardArgs*>(a)); }}
-#define WIDTH(suffix)                                                                                  \
-    FORWARD(statistics_##suffix), FORWARD(normalize_##suffix), BACKWARD(gradient_sums_##suffix), \
-        BACKWARD(input_gradient_##suffix)
+#define ENTRY_REDUCTIONS(suffix) FORWARD(statistics_##suffix), BACKWARD(gradient_sums_##suffix)
+#define ENTRY_ELEMENTWISE(suffix) FORWARD(normalize_##suffix), BACKWARD(input_gradient_##suffix)
 
-const Entry ENTRIES[] = {WIDTH(f32x4), WIDTH(f32x1), WIDTH(f64x2), WIDTH(f64x1), FORWARD(eval_coefficients_f32),
+const Entry ENTRIES[] = {ENTRY_REDUCTIONS(f32x4),  ENTRY_REDUCTIONS(f32x4u), ENTRY_REDUCTIONS(f32x1),           ENTRY_REDUCTIONS(f64x2),
+                         ENTRY_REDUCTIONS(f64x2u), ENTRY_REDUCTIONS(f64x1),  ENTRY_ELEMENTWISE(f32x4),          ENTRY_ELEMENTWISE(f32x1),
+                         ENTRY_ELEMENTWISE(f64x2), ENTRY_ELEMENTWISE(f64x1), FORWARD(eval_coefficients_f32),
                          FORWARD(eval_coefficients_f64)};
 
 }  // namespace
