@@ -322,3 +322,58 @@ def test_dlpack_refuses_a_negative_stream_other_than_minus_one():
     with pytest.raises(ValueError, match="stream=-2"):
         y.__dlpack__(stream=-2)
     y.__dlpack__(stream=-1)
+
+
+@needs_gpu
+@needs_torch
+def test_arrays_of_a_call_on_a_side_stream_may_be_dropped_before_its_kernels_finish(rng):
+    """Outputs freed early are not reallocated under their kernels; inputs released by their producer
+    right after the call stay alive until the kernels are done; views follow the module's stream."""
+    stream = torch.cuda.Stream()
+    shape = (32, 16, 64, 64)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    m, ref = pair(16, np.float32)
+    m.to("cuda")
+    expected_y, expected_dx = ref.forward(x), ref.backward(dy)
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            m(on_gpu(x), stream=stream)  # the output is dropped at once
+        y = m(on_gpu(x), stream=stream)
+        dx = m.backward(on_gpu(dy), stream=stream)  # grad_output's tensor is released by torch at once
+        kept = torch.from_dlpack(y).clone(), torch.from_dlpack(dx).clone()
+    assert m.running_mean.__cuda_array_interface__["stream"] == stream.cuda_stream
+    stream.synchronize()
+    np.testing.assert_allclose(kept[0].cpu().numpy(), expected_y, **tol(np.float32))
+    np.testing.assert_allclose(kept[1].cpu().numpy(), expected_dx, rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cupy_arrays_in_and_out_without_torch(rng, dtype):
+    cupy = pytest.importorskip("cupy")
+    m, ref = pair(3, dtype, momentum=None)
+    randomize_parameters(m, ref, rng, dtype)
+    m.to("cuda")
+    x = (rng.standard_normal((4, 3, 6, 5)) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y = m(cupy.asarray(x))
+    np.testing.assert_allclose(cupy.asnumpy(cupy.from_dlpack(y)), ref.forward(x), **tol(dtype))
+    out = cupy.empty(x.shape, dtype)
+    assert m.backward(cupy.asarray(dy), out=out) is out
+    np.testing.assert_allclose(cupy.asnumpy(out), ref.backward(dy), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m.state_dict()["running_var"], ref.running_var, **tol(dtype))
+
+
+@needs_gpu
+def test_jax_arrays_are_read_in_place_without_torch(rng):
+    jax = pytest.importorskip("jax")
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        pytest.skip("JAX sees no GPU")
+    m, ref = pair(3, np.float32)
+    randomize_parameters(m, ref, rng, np.float32)
+    m.to("cuda")
+    x = rng.standard_normal((4, 3, 6, 5)).astype(np.float32)
+    y = m(jax.device_put(x, gpus[0]))
+    np.testing.assert_allclose(np.asarray(jax.dlpack.from_dlpack(y)), ref.forward(x), **tol(np.float32))

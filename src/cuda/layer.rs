@@ -108,6 +108,12 @@ impl<T: Element> CudaBatchNorm2d<T> {
         self.buffers[slot(which)].clone()
     }
 
+    /// The stream the last work on the layer's state went to (the legacy default stream before
+    /// any): views of its buffers are ready in that stream's order.
+    pub fn last_stream(&self) -> Stream {
+        self.last_work.as_ref().map_or(Stream::DEFAULT, |(_, stream)| *stream)
+    }
+
     /// Waits until all work queued on the layer's state has finished (and reports a fault in it).
     pub fn synchronize(&self) -> Result<()> {
         match &self.last_work {

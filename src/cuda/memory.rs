@@ -2,7 +2,7 @@
 //! events that order work between them.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
@@ -69,6 +69,9 @@ pub struct DeviceBuffer<T> {
     device: Arc<Device>,
     /// Allocated from the stream-ordered pool, and so freed through it.
     pooled: bool,
+    /// The end of the last work that wrote it (see [`Self::written_by`]): a pooled buffer goes
+    /// back to the pool only after it.
+    last_write: Mutex<Option<Event>>,
     element: PhantomData<T>,
 }
 
@@ -85,7 +88,14 @@ impl<T: Element> DeviceBuffer<T> {
         // SAFETY: a fresh allocation ordered on `stream`, which the caller's kernels write first.
         let ptr = unsafe { driver::malloc_async(stream.cu(), bytes) }
             .map_err(|e| driver_error("allocation (cuMemAllocAsync)", e))?;
-        Ok(DeviceBuffer { ptr, len, device: device.clone(), pooled: true, element: PhantomData })
+        Ok(DeviceBuffer {
+            ptr,
+            len,
+            device: device.clone(),
+            pooled: true,
+            last_write: Mutex::new(None),
+            element: PhantomData,
+        })
     }
 }
 
@@ -235,7 +245,14 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
     /// `len` values of `T`, every byte zero.
     pub fn zeroed(device: &Arc<Device>, len: usize) -> Result<Self> {
         let ptr = device.alloc_zeroed(byte_len::<T>(len)?)?;
-        Ok(DeviceBuffer { ptr, len, device: device.clone(), pooled: false, element: PhantomData })
+        Ok(DeviceBuffer {
+            ptr,
+            len,
+            device: device.clone(),
+            pooled: false,
+            last_write: Mutex::new(None),
+            element: PhantomData,
+        })
     }
 
     pub fn from_host(device: &Arc<Device>, values: &[T]) -> Result<Self> {
@@ -273,8 +290,22 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
     }
 }
 
+impl<T> DeviceBuffer<T> {
+    /// Records that the work up to `event` writes the buffer. A pooled buffer is freed in the
+    /// legacy default stream's order; that stream then waits for `event` first, so an array
+    /// written on another stream and dropped early is never reallocated under its kernels. The
+    /// event, not the writer's stream, is what the free waits on: the stream may be gone by then.
+    pub fn written_by(&self, event: Event) {
+        *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(event);
+    }
+}
+
 impl<T> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
+        if let Some(event) = self.last_write.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            // Nobody to report a failure to; the free below then waits as cuMemFreeAsync does.
+            let _ = event.order_before(Stream::DEFAULT);
+        }
         // SAFETY: allocated by this buffer, freed once.
         unsafe { self.device.free(self.ptr, self.pooled) };
     }
@@ -315,6 +346,18 @@ impl Event {
             driver::stream::wait_event(stream.cu(), raw, cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
         }
         .map_err(|e| driver_error("stream wait", e))
+    }
+
+    /// Whether the work before the event has finished (without waiting); reports a kernel fault.
+    pub fn is_done(&self) -> Result<bool> {
+        let Some(raw) = self.raw else { return Ok(true) };
+        self.device.bind()?;
+        // SAFETY: the handle is live.
+        match unsafe { driver::event::query(raw) } {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(driver_error("querying an event", e)),
+        }
     }
 
     /// Blocks the host until the event has happened; reports a kernel fault as an error.

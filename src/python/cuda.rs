@@ -280,7 +280,25 @@ pub struct DeviceArray {
     /// The stream whose work writes the array; consumers are ordered after it.
     stream: Stream,
     /// What keeps the memory alive: the array's own buffer, or the module buffer it views.
-    _storage: Box<dyn std::any::Any + Send + Sync>,
+    storage: Storage,
+}
+
+/// A DeviceArray's memory.
+enum Storage {
+    /// Its own buffer, which knows when its writers finish (see `DeviceBuffer::written_by`).
+    Own(Box<dyn WrittenBy>),
+    /// Memory something else owns, kept alive by holding it.
+    Borrowed { _owner: Box<dyn std::any::Any + Send + Sync> },
+}
+
+trait WrittenBy: Send + Sync {
+    fn written_by(&self, event: Event);
+}
+
+impl<T: Element> WrittenBy for DeviceBuffer<T> {
+    fn written_by(&self, event: Event) {
+        DeviceBuffer::written_by(self, event)
+    }
 }
 
 impl DeviceArray {
@@ -298,8 +316,16 @@ impl DeviceArray {
             dtype,
             device: device.clone(),
             stream,
-            _storage: Box::new(buffer),
+            storage: Storage::Own(Box::new(buffer)),
         })
+    }
+
+    /// Records that the work queued on `stream` so far writes this array, for its buffer's free.
+    pub(crate) fn written_on(&self, stream: Stream) -> Result<()> {
+        if let Storage::Own(buffer) = &self.storage {
+            buffer.written_by(Event::record(&self.device, stream)?);
+        }
+        Ok(())
     }
 
     /// An array over memory `owner` keeps alive (a module's parameter buffer).
@@ -311,7 +337,14 @@ impl DeviceArray {
         device: &Arc<Device>,
         stream: Stream,
     ) -> DeviceArray {
-        DeviceArray { ptr, shape: shape.to_vec(), dtype, device: device.clone(), stream, _storage: owner }
+        DeviceArray {
+            ptr,
+            shape: shape.to_vec(),
+            dtype,
+            device: device.clone(),
+            stream,
+            storage: Storage::Borrowed { _owner: owner },
+        }
     }
 
     pub(crate) fn ptr(&self) -> u64 {
@@ -536,7 +569,7 @@ pub(crate) fn upload<'py, T: super::Float>(
         dtype,
         device: device.clone(),
         stream: Stream::DEFAULT,
-        _storage: Box::new(buffer),
+        storage: Storage::Own(Box::new(buffer)),
     };
     Bound::new(py, array)
 }
@@ -614,12 +647,14 @@ impl GpuLayer {
         which: Buffer,
         dtype: Dtype,
     ) -> Option<Bound<'py, PyAny>> {
-        let (ptr, owner): (u64, Box<dyn std::any::Any + Send + Sync>) = with_gpu!(self, l => {
+        let (ptr, owner, stream): (u64, Box<dyn std::any::Any + Send + Sync>, Stream) = with_gpu!(self, l => {
             let buffer = l.buffer_owner(which)?;
-            (buffer.ptr(), Box::new(buffer))
+            (buffer.ptr(), Box::new(buffer), l.last_stream())
         });
         let channels = module.get().config.num_features;
-        let array = DeviceArray::borrowed(owner, ptr, &[channels], dtype, self.device(), Stream::DEFAULT);
+        // Ready in the order of the stream the module's last work went to: a consumer is ordered
+        // after that work (through __dlpack__'s stream or the interface's).
+        let array = DeviceArray::borrowed(owner, ptr, &[channels], dtype, self.device(), stream);
         Bound::new(module.py(), array).ok().map(Bound::into_any)
     }
 }
@@ -713,6 +748,51 @@ fn through_device<'py, T: Float>(
     Ok(target.into_any())
 }
 
+/// The arrays a GPU call reads and writes, kept until its kernels have finished: a DLPack
+/// producer may free an array's memory as soon as its capsule is released, and the call returns
+/// (releasing it) while its kernels may still run on `stream`.
+pub(crate) struct InFlight {
+    done: Event,
+    _arrays: Vec<Py<PyAny>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Nobody to report a fault to; the arrays must not go before the kernels either way.
+        let _ = self.done.wait();
+    }
+}
+
+/// Keeps `arrays` alive until the work queued on `stream` so far has finished, and lets go of
+/// earlier calls' arrays whose work has.
+fn keep_until_done(
+    in_flight: &mut Vec<InFlight>,
+    device: &Arc<Device>,
+    stream: Stream,
+    arrays: Vec<Py<PyAny>>,
+) -> Result<()> {
+    in_flight.retain(|call| !call.done.is_done().unwrap_or(true));
+    in_flight.push(InFlight { done: Event::record(device, stream)?, _arrays: arrays });
+    Ok(())
+}
+
+/// After a GPU call wrote `output` and read `inputs` on `stream`: the output's own buffer (a
+/// fresh DeviceArray) is freed only after that work, and every array stays alive until it is done.
+fn after_call(
+    state: &mut super::State,
+    device: &Arc<Device>,
+    stream: Stream,
+    output: &Bound<'_, PyAny>,
+    inputs: Vec<Py<PyAny>>,
+) -> Result<()> {
+    if let Ok(array) = output.cast::<DeviceArray>() {
+        array.get().written_on(stream)?;
+    }
+    let mut arrays = inputs;
+    arrays.push(output.clone().unbind());
+    keep_until_done(&mut state.in_flight, device, stream, arrays)
+}
+
 /// The forward of a module on a GPU, on `stream`.
 pub(crate) fn forward<'py, T: Float>(
     module: &Bound<'py, PyBatchNorm2d>,
@@ -736,8 +816,9 @@ pub(crate) fn forward<'py, T: Float>(
         let mut state = lock(py, &this.layer);
         let layer = typed_gpu::<T>(&mut state.gpu)?;
         // SAFETY: both arrays were checked to be C-contiguous, of `shape`, on the layer's device;
-        // `x` stays alive in `saved` and `y` in the object returned.
+        // both stay alive until the kernels are done (`after_call`).
         unsafe { layer.forward(DeviceTensor::from_raw(x.ptr, shape), DeviceTensor::from_raw(y_ptr, shape), stream)? };
+        after_call(&mut state, &device, stream, &y, vec![x.owner.clone_ref(py)])?;
     }
     *lock(py, &this.saved) = Some(Saved::Gpu { ptr: x.ptr, dims: x.shape.clone(), _input: x.owner });
     Ok(y)
@@ -784,7 +865,7 @@ pub(crate) fn backward<'py, T: Float>(
     let (dx, dx_ptr) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x, &dy], stream)?;
     let mut state = lock(py, &this.layer);
     let layer = typed_gpu::<T>(&mut state.gpu)?;
-    // SAFETY: as in `forward`; `x` is the last forward's input, kept alive by `saved`.
+    // SAFETY: as in `forward`; `x` is the last forward's input.
     unsafe {
         layer.backward(
             DeviceTensor::from_raw(x.ptr, shape),
@@ -793,5 +874,6 @@ pub(crate) fn backward<'py, T: Float>(
             stream,
         )?
     };
+    after_call(&mut state, &device, stream, &dx, vec![x.owner, dy.owner])?;
     Ok(dx)
 }

@@ -601,6 +601,9 @@ struct State {
     host: Layer,
     #[cfg(feature = "cuda")]
     gpu: Option<cuda::GpuLayer>,
+    /// The arrays of GPU calls whose kernels may still run.
+    #[cfg(feature = "cuda")]
+    in_flight: Vec<cuda::InFlight>,
 }
 
 impl State {
@@ -609,6 +612,8 @@ impl State {
             host,
             #[cfg(feature = "cuda")]
             gpu: None,
+            #[cfg(feature = "cuda")]
+            in_flight: Vec::new(),
         }
     }
 
