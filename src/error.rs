@@ -9,7 +9,7 @@ pub enum Error {
     /// A constructor or setter argument is out of range (e.g. `num_features` of 0).
     InvalidArgument(String),
     /// The input is neither (N, C, H, W) nor unbatched (C, H, W).
-    Rank { what: &'static str, got: Vec<usize> },
+    Rank { what: &'static str, expected: &'static str, got: Vec<usize> },
     /// The input's channel dimension differs from `num_features`.
     ChannelMismatch { expected: usize, got: usize, shape: Vec<usize> },
     /// Two arrays that must have the same shape do not.
@@ -88,12 +88,9 @@ impl fmt::Display for Error {
             Error::InvalidArgument(msg) | Error::BadOutput(msg) | Error::StateDict(msg) => f.write_str(msg),
             Error::Unsupported(msg) | Error::Format(msg) | Error::Cuda(msg) | Error::Memory(msg) => f.write_str(msg),
             Error::Io { message, .. } => f.write_str(message),
-            Error::Rank { what, got } => write!(
-                f,
-                "expected {what} to be 4D (N, C, H, W) or 3D unbatched (C, H, W), got {}D {what} of shape {}",
-                got.len(),
-                shape_str(got)
-            ),
+            Error::Rank { what, expected, got } => {
+                write!(f, "expected {what} to be {expected}, got {}D {what} of shape {}", got.len(), shape_str(got))
+            }
             Error::ChannelMismatch { expected, got, shape } => write!(
                 f,
                 "expected input with {expected} channels (num_features), got {got} channels in input of shape {}",

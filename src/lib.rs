@@ -56,6 +56,6 @@ pub use element::Element;
 pub use error::{Error, Result};
 pub use functional::{ParamGrads, SavedStats};
 pub use layer::{BatchNorm2d, Buffer, Config, ConfigOverrides};
-pub use shape::{Shape, TensorRef};
+pub use shape::{Ranks, Shape, TensorRef};
 pub use state::{LoadReport, StateTensor, StateValues};
 pub use threads::{get_num_threads, set_num_threads};

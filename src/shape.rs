@@ -8,6 +8,26 @@
 
 use crate::error::{shape_str, Error, Result};
 
+/// Which input ranks a call accepts, and how it reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ranks {
+    /// BatchNorm2d: (N, C, H, W), or an unbatched (C, H, W).
+    Planes,
+    /// `torch.nn.functional.batch_norm`: (N, C, *) with 0 to 3 spatial dimensions; a 3D
+    /// input is (N, C, L).
+    Any,
+}
+
+impl Ranks {
+    /// What an error message says was expected.
+    pub const fn expected(self) -> &'static str {
+        match self {
+            Ranks::Planes => "4D (N, C, H, W) or 3D unbatched (C, H, W)",
+            Ranks::Any => "2D to 5D (N, C, *)",
+        }
+    }
+}
+
 /// The dimensions of an (N, C, H, W) tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
@@ -27,8 +47,53 @@ impl Shape {
         match *dims {
             [n, c, h, w] => Ok(Shape::new(n, c, h, w)),
             [c, h, w] => Ok(Shape::new(1, c, h, w)),
-            _ => Err(Error::Rank { what: "input", got: dims.to_vec() }),
+            _ => Err(Error::Rank { what: "input", expected: Ranks::Planes.expected(), got: dims.to_vec() }),
         }
+    }
+
+    /// The (N, C, H, W) form of an array of `dims` with element `strides`, read as `ranks` says,
+    /// with the strides of that form: (N, C) is (N, C, 1, 1), (N, C, L) is (N, C, 1, L), and
+    /// (N, C, D, H, W) merges two neighbouring spatial dimensions. `None` when no two of D, H, W
+    /// nest in memory, so the array must be copied (C-contiguous) first.
+    pub fn view_of(
+        dims: &[usize],
+        strides: &[isize],
+        ranks: Ranks,
+        what: &'static str,
+    ) -> Result<Option<(Shape, [isize; 4])>> {
+        let rank_error = || Error::Rank { what, expected: ranks.expected(), got: dims.to_vec() };
+        if strides.len() != dims.len() {
+            return Err(rank_error());
+        }
+        let view = match (ranks, dims.len()) {
+            (_, 4) => {
+                Some((Shape::new(dims[0], dims[1], dims[2], dims[3]), [strides[0], strides[1], strides[2], strides[3]]))
+            }
+            (Ranks::Planes, 3) => {
+                Some((Shape::new(1, dims[0], dims[1], dims[2]), [0, strides[0], strides[1], strides[2]]))
+            }
+            (Ranks::Any, 2) => Some((Shape::new(dims[0], dims[1], 1, 1), [strides[0], strides[1], 1, 1])),
+            (Ranks::Any, 3) => {
+                Some((Shape::new(dims[0], dims[1], 1, dims[2]), [strides[0], strides[1], 1, strides[2]]))
+            }
+            (Ranks::Any, 5) => {
+                let [n, c, d, h, w] = [dims[0], dims[1], dims[2], dims[3], dims[4]];
+                let [sn, sc, sd, sh, sw] = [strides[0], strides[1], strides[2], strides[3], strides[4]];
+                let too_large =
+                    || Error::InvalidArgument(format!("a tensor of shape {} is too large", shape_str(dims)));
+                if d <= 1 || h <= 1 || sd == h as isize * sh {
+                    let merged = d.checked_mul(h).ok_or_else(too_large)?;
+                    Some((Shape::new(n, c, merged, w), [sn, sc, if h <= 1 { sd } else { sh }, sw]))
+                } else if w <= 1 || sh == w as isize * sw {
+                    let merged = h.checked_mul(w).ok_or_else(too_large)?;
+                    Some((Shape::new(n, c, d, merged), [sn, sc, sd, if w <= 1 { sh } else { sw }]))
+                } else {
+                    None
+                }
+            }
+            _ => return Err(rank_error()),
+        };
+        Ok(view)
     }
 
     pub const fn dims(&self) -> [usize; 4] {

@@ -245,3 +245,22 @@ fn state_dict_round_trip_and_strict_errors() {
     assert!(err.contains("weight") && err.contains("(4,)") && err.contains("(3,)"), "{err}");
     assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));
 }
+
+#[test]
+fn every_rank_from_2_to_5_has_an_n_c_h_w_view() {
+    use batchnorm::Ranks;
+    let view = |dims: &[usize], strides: &[isize]| Shape::view_of(dims, strides, Ranks::Any, "input").unwrap();
+    assert_eq!(view(&[6, 4], &[4, 1]), Some((Shape::new(6, 4, 1, 1), [4, 1, 1, 1])));
+    assert_eq!(view(&[5, 4, 7], &[28, 7, 1]), Some((Shape::new(5, 4, 1, 7), [28, 7, 1, 1])));
+    // (N, C, D, H, W) contiguous: D and H merge.
+    assert_eq!(view(&[2, 3, 4, 5, 6], &[360, 120, 30, 6, 1]), Some((Shape::new(2, 3, 20, 6), [360, 120, 6, 1])));
+    // Every other D of a contiguous array: H and W still nest.
+    assert_eq!(view(&[2, 3, 2, 5, 6], &[360, 120, 60, 6, 1]), Some((Shape::new(2, 3, 2, 30), [360, 120, 60, 1])));
+    // Every other value along each of D, H, W: nothing nests, a copy is needed.
+    assert_eq!(view(&[2, 3, 2, 3, 3], &[360, 120, 60, 12, 2]), None);
+    // A 3D input is (N, C, L) for the functional API and (C, H, W) for BatchNorm2d.
+    let planes = Shape::view_of(&[5, 4, 7], &[28, 7, 1], Ranks::Planes, "input").unwrap();
+    assert_eq!(planes, Some((Shape::new(1, 5, 4, 7), [0, 28, 7, 1])));
+    let error = Shape::view_of(&[5], &[1], Ranks::Any, "input").unwrap_err().to_string();
+    assert_eq!(error, "expected input to be 2D to 5D (N, C, *), got 1D input of shape (5,)");
+}

@@ -61,3 +61,54 @@ def test_read_only_buffer_rejected_before_anything_changes(rng):
 def test_parameter_shape_checked(rng):
     with pytest.raises(ValueError, match=r"weight.*\(3,\).*\(2,\)"):
         batch_norm(rng.standard_normal((2, 3, 4, 4)), np.zeros(3), np.ones(3), weight=np.ones(2))
+
+
+def as_planes(x):
+    """The same values as (N, C, H, W), over which the reference computes: statistics over every axis but 1."""
+    return x.reshape(x.shape[0], x.shape[1], 1, -1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [(6, 4), (5, 4, 7), (4, 4, 6), (2, 4, 3, 5, 6), (3, 4, 1, 5, 1), (1, 4, 9)],
+    ids=str,
+)
+def test_every_rank_from_2_to_5_is_n_c_and_spatial_dims(rng, dtype, shape):
+    """As torch.nn.functional.batch_norm: a 3D input is (N, C, L), never an unbatched (C, H, W); N == C
+    included, where reading it the other way would silently normalize over the wrong axis."""
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    w, b = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    ref = ReferenceBatchNorm2d(c, momentum=0.1)
+    ref.weight, ref.bias = w.astype(np.float64), b.astype(np.float64)
+    y = batch_norm(x, rm, rv, w, b, training=True)
+    assert y.shape == shape
+    np.testing.assert_allclose(as_planes(y), ref.forward(as_planes(x)), **tol(dtype))
+    np.testing.assert_allclose(rv, ref.running_var, **tol(dtype))
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dw, db = batch_norm_backward(dy, x, weight=w, training=True)
+    assert dx.shape == shape
+    np.testing.assert_allclose(as_planes(dx), ref.backward(as_planes(dy)), **tol(dtype))
+    np.testing.assert_allclose(dw, ref.grad_weight, rtol=1e-4, atol=1e-4)
+
+
+def test_a_5d_view_whose_dims_do_not_nest_is_read_correctly(rng):
+    base = rng.standard_normal((2, 3, 8, 9, 10))
+    views = [base[:, :, ::2, ::3, ::2], base.transpose(0, 1, 4, 2, 3), np.asfortranarray(base)]
+    for x in views:
+        ref = ReferenceBatchNorm2d(3)
+        y = batch_norm(x, None, None, training=True)
+        np.testing.assert_allclose(as_planes(y), ref.forward(as_planes(np.ascontiguousarray(x))), **tol(np.float64))
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 5, 6, 7)], ids=str)
+def test_ranks_outside_2_to_5_are_value_errors_that_say_so(shape):
+    with pytest.raises(ValueError, match=r"2D to 5D \(N, C, \*\)"):
+        batch_norm(np.ones(shape), None, None, training=True)
+
+
+def test_one_value_per_channel_in_training_is_an_error():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm(np.ones((1, 4)), None, None, training=True)

@@ -169,3 +169,20 @@ def test_state_files_move_both_ways_with_pytorch(tmp_path, rng, options):
     np.testing.assert_allclose(
         loaded.eval()(x), trained.eval()(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 4, 7), (4, 4, 6), (2, 4, 3, 5, 6)], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_batch_norm_matches_torch_at_every_rank(rng, shape, training):
+    c = shape[1]
+    x = rng.standard_normal(shape) * 2 + 1
+    mean, var = rng.standard_normal(c), rng.uniform(0.5, 2, c)
+    w, b = rng.uniform(0.5, 2, c), rng.standard_normal(c)
+    t_mean, t_var = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
+    expected = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), t_mean, t_var, torch.from_numpy(w), torch.from_numpy(b), training, 0.2, 1e-4
+    )
+    y = batchnorm.functional.batch_norm(x, mean, var, w, b, training=training, momentum=0.2, eps=1e-4)
+    np.testing.assert_allclose(y, expected.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(mean, t_mean.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, t_var.numpy(), rtol=1e-12, atol=1e-12)

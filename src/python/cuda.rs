@@ -726,7 +726,11 @@ fn gpu_output<'py, T: Float>(
 }
 
 fn shape_of(array: &GpuArray, what: &'static str) -> Result<crate::Shape> {
-    crate::Shape::from_dims(&array.shape).map_err(|_| Error::Rank { what, got: array.shape.clone() })
+    crate::Shape::from_dims(&array.shape).map_err(|_| Error::Rank {
+        what,
+        expected: crate::Ranks::Planes.expected(),
+        got: array.shape.clone(),
+    })
 }
 
 /// A NumPy call on a GPU module: the array goes to the device and the result comes back (a

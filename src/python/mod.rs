@@ -21,7 +21,8 @@ mod cuda;
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
-    BatchNorm2d, Buffer, Config, ConfigOverrides, Element, Error, Result, Shape, StateTensor, StateValues, TensorRef,
+    BatchNorm2d, Buffer, Config, ConfigOverrides, Element, Error, Ranks, Result, Shape, StateTensor, StateValues,
+    TensorRef,
 };
 
 /// The one place a core error becomes a Python exception.
@@ -319,24 +320,49 @@ fn detached<'py, T: Float>(array: Bound<'py, PyArrayDyn<T>>, spans: &[Span]) -> 
     Ok(array.call_method0("copy")?.cast_into::<PyArrayDyn<T>>()?)
 }
 
-/// The (N, C, H, W) view of a 3D or 4D array, borrowed for as long as the array is.
-fn tensor_ref<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, what: &'static str) -> Result<TensorRef<'a, T>> {
-    let dims = array.shape();
-    let shape = Shape::from_dims(dims).map_err(|_| Error::Rank { what, got: dims.to_vec() })?;
+/// The (N, C, H, W) view of an array, its ranks read as `ranks` says (see `Shape::view_of`),
+/// borrowed for as long as the array is. `None` for a 5D array whose spatial dimensions cannot
+/// be merged in place: the caller passes a C-contiguous copy instead.
+fn tensor_ref<'a, T: Float>(
+    array: &'a Bound<'_, PyArrayDyn<T>>,
+    what: &'static str,
+    ranks: Ranks,
+) -> Result<Option<TensorRef<'a, T>>> {
     let item = std::mem::size_of::<T>() as isize;
-    let mut strides: Vec<isize> = array.strides().iter().map(|s| s / item).collect();
-    if strides.len() == 3 {
-        strides.insert(0, 0);
-    }
-    let strides = [strides[0], strides[1], strides[2], strides[3]];
+    let strides: Vec<isize> = array.strides().iter().map(|s| s / item).collect();
+    let Some((shape, strides)) = Shape::view_of(array.shape(), &strides, ranks, what)? else { return Ok(None) };
     if shape.numel() == 0 {
-        return TensorRef::strided(&[], 0, shape, strides);
+        return TensorRef::strided(&[], 0, shape, strides).map(Some);
     }
     let (low, high) = extent(&shape.dims(), &strides);
     // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
     // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
     let data = unsafe { std::slice::from_raw_parts(array.data().offset(low), (high - low + 1) as usize) };
-    TensorRef::strided(data, (-low) as usize, shape, strides)
+    TensorRef::strided(data, (-low) as usize, shape, strides).map(Some)
+}
+
+/// `array` as it is, or a C-contiguous copy of it where `tensor_ref` cannot view it in place.
+fn viewable<'py, T: Float>(
+    array: Bound<'py, PyArrayDyn<T>>,
+    what: &'static str,
+    ranks: Ranks,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let item = std::mem::size_of::<T>() as isize;
+    let strides: Vec<isize> = array.strides().iter().map(|s| s / item).collect();
+    if Shape::view_of(array.shape(), &strides, ranks, what)?.is_some() {
+        return Ok(array);
+    }
+    let numpy = array.py().import("numpy")?;
+    Ok(numpy.call_method1("ascontiguousarray", (&array,))?.cast_into::<PyArrayDyn<T>>()?)
+}
+
+/// The view of an array `viewable` has vetted.
+fn view_of<'a, T: Float>(
+    array: &'a Bound<'_, PyArrayDyn<T>>,
+    what: &'static str,
+    ranks: Ranks,
+) -> Result<TensorRef<'a, T>> {
+    tensor_ref(array, what, ranks)?.ok_or_else(|| Error::InvalidArgument(format!("{what} cannot be viewed in place")))
 }
 
 /// Where a result goes: a fresh C-contiguous array, or the caller's `out=` after checking it.
@@ -448,7 +474,7 @@ impl PyBatchNorm2d {
         let this = slf.get();
         let buffers = module_spans(&lock(py, &this.layer).host);
         let x = detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?;
-        let view = tensor_ref(&x, "input")?;
+        let view = view_of(&x, "input", Ranks::Planes)?;
         let others: Vec<Span> = buffers.into_iter().chain([Span::of_array("the input", x.as_untyped())]).collect();
         let y = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `y` comes from `output` and nothing else refers to it yet.
@@ -487,7 +513,7 @@ impl PyBatchNorm2d {
             }
             .into());
         }
-        let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
+        let (x_view, dy_view) = (view_of(&x, "input", Ranks::Planes)?, view_of(&dy, "grad_output", Ranks::Planes)?);
         let inputs =
             [Span::of_array("the forward's input", x.as_untyped()), Span::of_array("grad_output", dy.as_untyped())];
         let others: Vec<Span> = buffers.into_iter().chain(inputs).collect();
@@ -1283,8 +1309,8 @@ fn batch_norm_typed<'py, T: Float>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = input.py();
-    let x = readable(typed_array::<T>(input, "input")?)?;
-    let view = tensor_ref(&x, "input")?;
+    let x = viewable(readable(typed_array::<T>(input, "input")?)?, "input", Ranks::Any)?;
+    let view = view_of(&x, "input", Ranks::Any)?;
     let c = view.shape().c;
     let mut mean = param_vec::<T>(running_mean, "running_mean", c)?;
     let mut var = param_vec::<T>(running_var, "running_var", c)?;
@@ -1365,8 +1391,8 @@ fn batch_norm_backward_typed<'py, T: Float>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = input.py();
-    let x = readable(typed_array::<T>(input, "input")?)?;
-    let dy = readable(typed_array::<T>(grad_output, "grad_output")?)?;
+    let x = viewable(readable(typed_array::<T>(input, "input")?)?, "input", Ranks::Any)?;
+    let dy = viewable(readable(typed_array::<T>(grad_output, "grad_output")?)?, "grad_output", Ranks::Any)?;
     if dy.shape() != x.shape() {
         return Err(Error::ShapeMismatch {
             what: "grad_output (the input's shape)".into(),
@@ -1375,7 +1401,7 @@ fn batch_norm_backward_typed<'py, T: Float>(
         }
         .into());
     }
-    let (x_view, dy_view) = (tensor_ref(&x, "input")?, tensor_ref(&dy, "grad_output")?);
+    let (x_view, dy_view) = (view_of(&x, "input", Ranks::Any)?, view_of(&dy, "grad_output", Ranks::Any)?);
     let shape = x_view.shape();
     let mean = param_vec::<T>(running_mean, "running_mean", shape.c)?;
     let var = param_vec::<T>(running_var, "running_var", shape.c)?;
