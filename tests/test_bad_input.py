@@ -217,3 +217,21 @@ def test_impossible_output_size_is_a_memory_error(trained):
     with pytest.raises(MemoryError):
         trained(huge)
     assert_same_state(before, state_snapshot(trained))
+
+
+def test_size_mismatches_are_runtime_errors_as_in_pytorch_and_value_errors_too():
+    """PyTorch raises RuntimeError for these; code written for it, or for a NumPy library, catches them."""
+    m = batchnorm.BatchNorm2d(3)
+    calls = [
+        lambda: m(np.ones((2, 4, 3, 3), np.float32)),
+        lambda: batchnorm.functional.batch_norm(np.ones((2, 3, 4)), np.zeros(4), np.ones(4), training=True),
+        lambda: batchnorm.functional.batch_norm(np.ones((2, 3, 4)), None, None, np.ones(2), training=True),
+        lambda: batchnorm.functional.batch_norm(np.ones((2, 3, 4)), np.zeros(3), np.ones(3), bias=np.ones(2)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="expected|should"):
+            call()
+        with pytest.raises(ValueError):
+            call()
+        with pytest.raises(batchnorm.ShapeError):
+            call()

@@ -9,6 +9,7 @@ from batchnorm import functional
 from batchnorm._core import (
     BatchNorm2d,
     DeviceArray,
+    ShapeError,
     __version__,
     get_num_threads,
     load_file,
@@ -20,6 +21,7 @@ from batchnorm._core import (
 __all__ = [
     "BatchNorm2d",
     "DeviceArray",
+    "ShapeError",
     "__version__",
     "functional",
     "get_num_threads",

@@ -9,6 +9,7 @@ from typing_extensions import disjoint_base
 __all__ = [
     "BatchNorm2d",
     "DeviceArray",
+    "ShapeError",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
@@ -26,6 +27,9 @@ _Array = npt.NDArray[np.floating[Any]]
 _GpuArray = Any
 # A raw CUDA stream handle, or an object with .cuda_stream (PyTorch) or .ptr (CuPy).
 _Stream = int | Any
+
+class ShapeError(ValueError, RuntimeError):
+    """A size or shape that does not match: a ValueError, and a RuntimeError as PyTorch raises it."""
 
 @final
 class DeviceArray:

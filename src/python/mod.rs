@@ -25,11 +25,37 @@ use crate::{
     TensorRef,
 };
 
+/// `batchnorm.ShapeError`: a size that does not match (channels, a parameter's or buffer's length,
+/// an array's shape). Both a `ValueError`, as a Python library raises it, and a `RuntimeError`, as
+/// PyTorch does, so code written for either catches it.
+fn shape_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static SHAPE_ERROR: pyo3::sync::PyOnceLock<Py<PyType>> = pyo3::sync::PyOnceLock::new();
+    SHAPE_ERROR
+        .get_or_try_init(py, || {
+            let bases = (py.get_type::<PyValueError>(), py.get_type::<PyRuntimeError>());
+            let namespace = PyDict::new(py);
+            namespace.set_item("__module__", "batchnorm")?;
+            namespace.set_item(
+                "__doc__",
+                "A size or shape that does not match: a ValueError, and a RuntimeError as PyTorch raises it.",
+            )?;
+            let class = py.import("builtins")?.getattr("type")?.call1(("ShapeError", bases, namespace))?;
+            Ok(class.cast_into::<PyType>()?.unbind())
+        })
+        .map(|class| class.bind(py))
+}
+
 /// The one place a core error becomes a Python exception.
 impl From<Error> for PyErr {
     fn from(error: Error) -> PyErr {
         let message = error.to_string();
         match error {
+            Error::Length { .. } | Error::ChannelMismatch { .. } | Error::ShapeMismatch { .. } => {
+                Python::attach(|py| match shape_error(py) {
+                    Ok(class) => PyErr::from_type(class.clone(), message),
+                    Err(failure) => failure,
+                })
+            }
             Error::DType { .. } | Error::NotAnArray { .. } => PyTypeError::new_err(message),
             Error::NoForward | Error::StateDict(_) | Error::Unsupported(_) | Error::Cuda(_) => {
                 PyRuntimeError::new_err(message)
@@ -38,10 +64,7 @@ impl From<Error> for PyErr {
             Error::Io { kind, .. } => std::io::Error::new(kind, message).into(),
             Error::Memory(_) => PyMemoryError::new_err(message),
             Error::InvalidArgument(_)
-            | Error::Length { .. }
             | Error::Rank { .. }
-            | Error::ChannelMismatch { .. }
-            | Error::ShapeMismatch { .. }
             | Error::OutOfBounds { .. }
             | Error::TooFewValues { .. }
             | Error::BadOutput(_)
@@ -1578,5 +1601,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("ShapeError", shape_error(m.py())?)?;
     Ok(())
 }
