@@ -11,8 +11,12 @@ use crate::error::{shape_str, Error, Result};
 /// Which input ranks a call accepts, and how it reads them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ranks {
+    /// BatchNorm1d: (N, C) or (N, C, L).
+    Sequence,
     /// BatchNorm2d: (N, C, H, W), or an unbatched (C, H, W).
     Planes,
+    /// BatchNorm3d: (N, C, D, H, W).
+    Volumes,
     /// `torch.nn.functional.batch_norm`: (N, C, *) with 0 to 3 spatial dimensions; a 3D
     /// input is (N, C, L).
     Any,
@@ -22,7 +26,9 @@ impl Ranks {
     /// What an error message says was expected.
     pub const fn expected(self) -> &'static str {
         match self {
+            Ranks::Sequence => "2D or 3D: (N, C) or (N, C, L)",
             Ranks::Planes => "4D (N, C, H, W) or 3D unbatched (C, H, W)",
+            Ranks::Volumes => "5D (N, C, D, H, W)",
             Ranks::Any => "2D to 5D (N, C, *)",
         }
     }
@@ -66,17 +72,19 @@ impl Shape {
             return Err(rank_error());
         }
         let view = match (ranks, dims.len()) {
-            (_, 4) => {
+            (Ranks::Planes | Ranks::Any, 4) => {
                 Some((Shape::new(dims[0], dims[1], dims[2], dims[3]), [strides[0], strides[1], strides[2], strides[3]]))
             }
             (Ranks::Planes, 3) => {
                 Some((Shape::new(1, dims[0], dims[1], dims[2]), [0, strides[0], strides[1], strides[2]]))
             }
-            (Ranks::Any, 2) => Some((Shape::new(dims[0], dims[1], 1, 1), [strides[0], strides[1], 1, 1])),
-            (Ranks::Any, 3) => {
+            (Ranks::Sequence | Ranks::Any, 2) => {
+                Some((Shape::new(dims[0], dims[1], 1, 1), [strides[0], strides[1], 1, 1]))
+            }
+            (Ranks::Sequence | Ranks::Any, 3) => {
                 Some((Shape::new(dims[0], dims[1], 1, dims[2]), [strides[0], strides[1], 1, strides[2]]))
             }
-            (Ranks::Any, 5) => {
+            (Ranks::Volumes | Ranks::Any, 5) => {
                 let [n, c, d, h, w] = [dims[0], dims[1], dims[2], dims[3], dims[4]];
                 let [sn, sc, sd, sh, sw] = [strides[0], strides[1], strides[2], strides[3], strides[4]];
                 let too_large =

@@ -7,9 +7,9 @@ import numpy.typing as npt
 from typing_extensions import disjoint_base
 
 __all__ = [
-    "BatchNorm2d",
     "DeviceArray",
     "ShapeError",
+    "_BatchNorm",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
@@ -61,8 +61,8 @@ class DeviceArray:
     def __len__(self) -> int: ...
 
 @disjoint_base
-class BatchNorm2d:
-    """Batch normalization over (N, C, H, W) or unbatched (C, H, W) NumPy arrays."""
+class _BatchNorm:
+    """The base of BatchNorm1d, BatchNorm2d and BatchNorm3d, which differ in the input ranks they accept."""
 
     def __new__(
         cls,
@@ -126,8 +126,8 @@ class BatchNorm2d:
     def backward(
         self, grad_output: _Array | _GpuArray, *, out: _Array | _GpuArray | None = None, stream: _Stream | None = None
     ) -> Any: ...
-    def train(self, mode: bool = True) -> BatchNorm2d: ...
-    def eval(self) -> BatchNorm2d: ...
+    def train(self, mode: bool = True) -> Self: ...
+    def eval(self) -> Self: ...
     def zero_grad(self) -> None: ...
     def reset_running_stats(self) -> None: ...
     def reset_parameters(self) -> None: ...

@@ -725,12 +725,15 @@ fn gpu_output<'py, T: Float>(
     Ok((out.clone(), target.ptr))
 }
 
-fn shape_of(array: &GpuArray, what: &'static str) -> Result<crate::Shape> {
-    crate::Shape::from_dims(&array.shape).map_err(|_| Error::Rank {
-        what,
-        expected: crate::Ranks::Planes.expected(),
-        got: array.shape.clone(),
-    })
+/// The (N, C, H, W) shape of a C-contiguous GPU array of a module accepting `ranks`.
+fn shape_of(array: &GpuArray, what: &'static str, ranks: crate::Ranks) -> Result<crate::Shape> {
+    let mut strides = vec![1isize; array.shape.len()];
+    for axis in (0..array.shape.len().saturating_sub(1)).rev() {
+        strides[axis] = strides[axis + 1] * array.shape[axis + 1].max(1) as isize;
+    }
+    let view = crate::Shape::view_of(&array.shape, &strides, ranks, what)?;
+    // A C-contiguous array's spatial dimensions always nest.
+    view.map(|(shape, _)| shape).ok_or_else(|| Error::InvalidArgument(format!("{what} is not C-contiguous")))
 }
 
 /// A NumPy call on a GPU module: the array goes to the device and the result comes back (a
@@ -814,7 +817,7 @@ pub(crate) fn forward<'py, T: Float>(
     }
     let x = import(input, "input", stream)?;
     x.check("input", this.dtype, device.ordinal())?;
-    let shape = shape_of(&x, "input")?;
+    let shape = shape_of(&x, "input", this.ranks)?;
     let (y, y_ptr) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x], stream)?;
     {
         let mut state = lock(py, &this.layer);
@@ -857,7 +860,7 @@ pub(crate) fn backward<'py, T: Float>(
         }
         .into());
     }
-    let shape = shape_of(&dy, "grad_output")?;
+    let shape = shape_of(&dy, "grad_output", this.ranks)?;
     let x = GpuArray {
         ptr: x_ptr,
         shape: dims,

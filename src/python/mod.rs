@@ -461,9 +461,13 @@ enum Saved {
 ///
 /// Batch normalization over a 4D (N, C, H, W) or unbatched 3D (C, H, W) NumPy array, with the
 /// semantics of torch.nn.BatchNorm2d.
-#[pyclass(name = "BatchNorm2d", module = "batchnorm", subclass, frozen)]
+/// The base of `batchnorm.BatchNorm1d`, `BatchNorm2d` and `BatchNorm3d` (python/batchnorm/__init__.py),
+/// which differ only in the input ranks they accept: each class names its `Ranks` in `_ranks`.
+#[pyclass(name = "_BatchNorm", module = "batchnorm._core", subclass, frozen)]
 pub struct PyBatchNorm2d {
     config: Config,
+    /// The input ranks this module's class accepts.
+    ranks: Ranks,
     dtype: Dtype,
     layer: Mutex<State>,
     saved: Mutex<Option<Saved>>,
@@ -497,7 +501,7 @@ impl PyBatchNorm2d {
         let this = slf.get();
         let buffers = module_spans(&lock(py, &this.layer).host);
         let x = detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?;
-        let view = view_of(&x, "input", Ranks::Planes)?;
+        let view = view_of(&x, "input", this.ranks)?;
         let others: Vec<Span> = buffers.into_iter().chain([Span::of_array("the input", x.as_untyped())]).collect();
         let y = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `y` comes from `output` and nothing else refers to it yet.
@@ -536,7 +540,7 @@ impl PyBatchNorm2d {
             }
             .into());
         }
-        let (x_view, dy_view) = (view_of(&x, "input", Ranks::Planes)?, view_of(&dy, "grad_output", Ranks::Planes)?);
+        let (x_view, dy_view) = (view_of(&x, "input", this.ranks)?, view_of(&dy, "grad_output", this.ranks)?);
         let inputs =
             [Span::of_array("the forward's input", x.as_untyped()), Span::of_array("grad_output", dy.as_untyped())];
         let others: Vec<Span> = buffers.into_iter().chain(inputs).collect();
@@ -723,6 +727,20 @@ fn instantiate<'py>(
     Ok(module)
 }
 
+/// The input ranks of module class `cls`, from its `_ranks` ("1d", "2d" or "3d").
+fn class_ranks(cls: &Bound<'_, PyType>) -> PyResult<Ranks> {
+    let name = cls.getattr("_ranks").ok().and_then(|r| r.extract::<String>().ok());
+    match name.as_deref() {
+        Some("1d") => Ok(Ranks::Sequence),
+        Some("2d") => Ok(Ranks::Planes),
+        Some("3d") => Ok(Ranks::Volumes),
+        _ => Err(PyTypeError::new_err(format!(
+            "{} is not a batch norm class: construct batchnorm.BatchNorm1d, BatchNorm2d or BatchNorm3d (or a subclass)",
+            cls.name()?
+        ))),
+    }
+}
+
 /// Builds the typed layer for `dtype` with `build`.
 fn build_layer(
     dtype: Dtype,
@@ -757,9 +775,10 @@ impl PyBatchNorm2d {
     #[pyo3(
         text_signature = "(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)"
     )]
+    #[classmethod]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        py: Python<'_>,
+        cls: &Bound<'_, PyType>,
         num_features: &Bound<'_, PyAny>,
         eps: f64,
         momentum: Option<f64>,
@@ -769,6 +788,8 @@ impl PyBatchNorm2d {
         dtype: Option<&Bound<'_, PyAny>>,
         bias: bool,
     ) -> PyResult<Self> {
+        let py = cls.py();
+        let ranks = class_ranks(cls)?;
         let num_features = count_argument(num_features, "num_features", i64::MAX as u64)?;
         let placement = parse_device(device)?;
         let dtype = Dtype::parse(py, dtype)?;
@@ -777,7 +798,8 @@ impl PyBatchNorm2d {
             Dtype::F32 => Layer::F32(BatchNorm2d::new(config.clone())?),
             Dtype::F64 => Layer::F64(BatchNorm2d::new(config.clone())?),
         };
-        let module = PyBatchNorm2d { config, dtype, layer: Mutex::new(State::new(layer)), saved: Mutex::new(None) };
+        let module =
+            PyBatchNorm2d { config, ranks, dtype, layer: Mutex::new(State::new(layer)), saved: Mutex::new(None) };
         module.move_to(py, placement)?;
         Ok(module)
     }
@@ -1074,19 +1096,22 @@ impl PyBatchNorm2d {
         from_tensor_file(cls, &state_file::deserialize(data)?, None)
     }
 
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let momentum = match self.config.momentum {
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let py = slf.py();
+        let this = slf.get();
+        let momentum = match this.config.momentum {
             Some(m) => py_float_repr(py, m)?,
             None => "None".to_string(),
         };
         Ok(format!(
-            "BatchNorm2d({}, eps={}, momentum={}, affine={}, bias={}, track_running_stats={})",
-            self.config.num_features,
-            py_float_repr(py, self.config.eps)?,
+            "{}({}, eps={}, momentum={}, affine={}, bias={}, track_running_stats={})",
+            slf.get_type().name()?,
+            this.config.num_features,
+            py_float_repr(py, this.config.eps)?,
             momentum,
-            py_bool(self.config.affine),
-            py_bool(self.config.affine && self.config.bias),
-            py_bool(self.config.track_running_stats)
+            py_bool(this.config.affine),
+            py_bool(this.config.affine && this.config.bias),
+            py_bool(this.config.track_running_stats)
         ))
     }
 }
