@@ -41,6 +41,13 @@ def load(wheel, name, root):
     return importlib.import_module(f"{name}._core")
 
 
+def layer_class(core):
+    """A build's BatchNorm2d: in `_core` itself in older builds, a subclass of `_core._BatchNorm` since."""
+    if hasattr(core, "BatchNorm2d"):
+        return core.BatchNorm2d
+    return type("BatchNorm2d", (core._BatchNorm,), {"_ranks": "2d"})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", type=pathlib.Path)
@@ -64,8 +71,8 @@ def compare(builds, shape, rounds, rng):
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
     y = np.empty_like(x)
-    train = {name: core.BatchNorm2d(shape[1]) for name, core in builds.items()}
-    evaluate = {name: core.BatchNorm2d(shape[1]).eval() for name, core in builds.items()}
+    train = {name: layer_class(core)(shape[1]) for name, core in builds.items()}
+    evaluate = {name: layer_class(core)(shape[1]).eval() for name, core in builds.items()}
 
     def run(op, name):
         if op == "eval":
