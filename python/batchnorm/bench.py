@@ -85,11 +85,14 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], budget: float, m
 
 
 def load_torch():
+    """PyTorch, or None with a line saying why its columns are left out."""
     if os.environ.get("BATCHNORM_BENCH_NO_TORCH"):
+        print("PyTorch columns skipped: BATCHNORM_BENCH_NO_TORCH is set")
         return None
     try:
         import torch
     except ImportError:
+        print("PyTorch columns skipped: torch is not installed (pip install torch)")
         return None
     return torch
 
@@ -154,6 +157,7 @@ def torch_call(torch, x, dy, w, b, op):
 
 def run(shapes, dtypes, thread_counts, budget, max_rounds, torch):
     rows = []
+    total, done = len(dtypes) * len(thread_counts) * len(shapes) * len(OPS), 0
     for dtype in dtypes:
         for threads in thread_counts:
             batchnorm.set_num_threads(threads)
@@ -161,6 +165,8 @@ def run(shapes, dtypes, thread_counts, budget, max_rounds, torch):
                 torch.set_num_threads(threads)
             for shape in shapes:
                 for op in OPS:
+                    done += 1
+                    print(f"[{done}/{total}] ", end="")
                     medians = interleaved_medians(implementations(shape, dtype, op, torch), budget, max_rounds)
                     floor = medians["memcpy"]
                     for name, seconds in medians.items():
@@ -192,6 +198,45 @@ def format_group(rows):
     return head + " | " + " | ".join(cells)
 
 
+COLUMNS = [
+    ("train", "batchnorm", "train: batchnorm"),
+    ("train", "torch", "train: PyTorch"),
+    ("train", "numpy", "train: NumPy"),
+    ("eval", "batchnorm", "eval: batchnorm"),
+    ("eval", "torch", "eval: PyTorch"),
+    ("backward", "batchnorm", "backward: batchnorm"),
+    ("backward", "torch", "backward: PyTorch"),
+]
+
+
+def markdown_tables(rows):
+    """The README's tables: per dtype and thread count, median times and time ÷ memcpy of each shape."""
+    lines = []
+    groups = list(dict.fromkeys((r["dtype"], r["threads"]) for r in rows))
+    for dtype, threads in groups:
+        group = [r for r in rows if r["dtype"] == dtype and r["threads"] == threads]
+        columns = [c for c in COLUMNS if any(r["op"] == c[0] and r["impl"] == c[1] for r in group)]
+        noun = "thread" if threads == 1 else "threads"
+        lines += [f"**{dtype}, {threads} {noun}** — median time, and in brackets time ÷ memcpy of the same tensor", ""]
+        lines.append("| shape | memcpy | " + " | ".join(title for _, _, title in columns) + " |")
+        lines.append("|---" * (len(columns) + 2) + "|")
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in group):
+
+            def cell(op, impl, shape=shape, group=group):
+                matches = (r for r in group if r["op"] == op and r["impl"] == impl and tuple(r["shape"]) == shape)
+                row = next(matches, None)
+                if row is None:
+                    return "—"
+                if impl == "memcpy":
+                    return f"{row['median_s'] * 1e3:.3f} ms"
+                return f"{row['median_s'] * 1e3:.3f} ms ({row['vs_memcpy']:.2f}×)"
+
+            cells = [cell("train", "memcpy")] + [cell(op, impl) for op, impl, _ in columns]
+            lines.append(f"| {'×'.join(map(str, shape))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def machine_description():
     cpu = platform.processor() or platform.machine()
     try:
@@ -209,7 +254,8 @@ def machine_description():
     }
 
 
-def draw_chart(rows, path, dtype="float32"):
+def draw_chart(rows, path, machine):
+    """Every dtype and thread count measured: one row of charts each, one chart per op; lower is better."""
     try:
         import matplotlib
 
@@ -218,35 +264,44 @@ def draw_chart(rows, path, dtype="float32"):
     except ImportError:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
         return
-    threads = max(row["threads"] for row in rows)
-    chosen = [r for r in rows if r["dtype"] == dtype and r["threads"] == threads and r["impl"] != "memcpy"]
-    names = [n for n in ("batchnorm", "torch", "numpy") if any(r["impl"] == n for r in chosen)]
-    fig, axes = plt.subplots(1, len(OPS), figsize=(15, 4.5), sharey=True)
-    for axis, op in zip(axes, OPS, strict=True):
-        shapes = list(dict.fromkeys(tuple(r["shape"]) for r in chosen if r["op"] == op))
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            ratios = [
-                next(
-                    (r["vs_memcpy"] for r in chosen if r["op"] == op and r["impl"] == name and tuple(r["shape"]) == s),
-                    np.nan,
-                )
-                for s in shapes
-            ]
-            axis.bar(np.arange(len(shapes)) + i * width, ratios, width, label=name)
-        axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        axis.set_yscale("log")
-        axis.set_title(f"{op} ({dtype}, {threads} threads)")
-        axis.set_xticks(
-            np.arange(len(shapes)) + 0.4 - width / 2,
-            ["×".join(map(str, s)) for s in shapes],
-            rotation=30,
-            ha="right",
-            fontsize=8,
-        )
-    axes[0].set_ylabel("time / memcpy of the same tensor (log)")
-    axes[0].legend()
+    groups = list(dict.fromkeys((r["dtype"], r["threads"]) for r in rows))
+    fig, axes = plt.subplots(len(groups), len(OPS), figsize=(15, 4.2 * len(groups)), sharey=True, squeeze=False)
+    for axes_row, (dtype, threads) in zip(axes, groups, strict=True):
+        chosen = [r for r in rows if r["dtype"] == dtype and r["threads"] == threads and r["impl"] != "memcpy"]
+        names = [n for n in ("batchnorm", "torch", "numpy") if any(r["impl"] == n for r in chosen)]
+        for axis, op in zip(axes_row, OPS, strict=True):
+            shapes = list(dict.fromkeys(tuple(r["shape"]) for r in chosen if r["op"] == op))
+            width = 0.8 / max(len(names), 1)
+            for i, name in enumerate(names):
+                ratios = [
+                    next(
+                        (
+                            r["vs_memcpy"]
+                            for r in chosen
+                            if r["op"] == op and r["impl"] == name and tuple(r["shape"]) == s
+                        ),
+                        np.nan,
+                    )
+                    for s in shapes
+                ]
+                axis.bar(np.arange(len(shapes)) + i * width, ratios, width, label=name)
+            axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="memcpy (1×)")
+            axis.set_yscale("log")
+            axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+            axis.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+            axis.set_title(f"{op}, {dtype}, {threads} {'thread' if threads == 1 else 'threads'}")
+            axis.set_xticks(
+                np.arange(len(shapes)) + 0.4 - width / 2,
+                ["×".join(map(str, s)) for s in shapes],
+                rotation=30,
+                ha="right",
+                fontsize=8,
+            )
+        axes_row[0].set_ylabel("time ÷ memcpy of the same tensor (lower is better)")
+    axes[0][0].legend()
+    fig.suptitle(f"batchnorm {machine.get('batchnorm', '')} on {machine.get('cpu', '')} ({machine.get('simd', '')})")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"chart written to {path}")
 
@@ -266,8 +321,19 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds: under a minute")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
     parser.add_argument("--png", default="bench-results/bench.png", help="where to draw the chart")
-    parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="both", help="element types to time")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", help="thread counts to time (default: 1 and every core)", metavar="N"
+    )
+    parser.add_argument(
+        "--shapes", nargs="+", help="shapes to time, as N,C,H,W (default: the README's)", metavar="N,C,H,W"
+    )
+    parser.add_argument("--table", metavar="JSON", help="print the tables of an earlier run's JSON, and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_tables(json.load(f)["rows"]))
+        return
 
     torch = load_torch()
     machine = machine_description()
@@ -275,13 +341,15 @@ def main(argv=None):
         machine["torch"] = torch.__version__
     print("machine:", ", ".join(f"{k} {v}" for k, v in machine.items()))
     cores = os.cpu_count() or 1
-    thread_counts = sorted({1, cores})
+    thread_counts = sorted(set(args.threads)) if args.threads else sorted({1, cores})
     dtypes = [np.float32, np.float64] if args.dtype == "both" else [np.dtype(args.dtype).type]
     if args.quick:
         shapes, budget, max_rounds = QUICK_SHAPES, 0.15, 15
         dtypes = dtypes[:1] if args.dtype == "both" else dtypes
     else:
         shapes, budget, max_rounds = SHAPES, 1.0, 60
+    if args.shapes:
+        shapes = [parse_shape(text, parser) for text in args.shapes]
     rows = run(shapes, dtypes, thread_counts, budget, max_rounds, torch)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak_rss_mib:.0f} MiB")
@@ -289,7 +357,20 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump({"machine": machine, "peak_rss_mib": peak_rss_mib, "rows": rows}, f, indent=1)
     print(f"results written to {args.json}")
-    draw_chart(rows, args.png)
+    print()
+    print(markdown_tables(rows))
+    draw_chart(rows, args.png, machine)
+
+
+def parse_shape(text, parser):
+    """'8,64,56,56' → (8, 64, 56, 56); anything else is a usage error."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        parser.error(f"--shapes takes N,C,H,W with four positive integers, got {text!r}")
+    return shape
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import batchnorm
 
@@ -80,7 +81,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m batchnorm.bench_cuda", description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="bench-results/bench_cuda.json", help="where to write the results")
     args = parser.parse_args(argv)
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit("python -m batchnorm.bench_cuda needs PyTorch with CUDA (it makes the GPU arrays): pip install torch")
+    if not torch.cuda.is_available():
+        sys.exit("python -m batchnorm.bench_cuda needs a GPU: PyTorch sees no CUDA device on this machine")
+    try:
+        batchnorm.BatchNorm2d(1, device="cuda")
+    except RuntimeError as error:
+        sys.exit(f"python -m batchnorm.bench_cuda: batchnorm cannot use the GPU: {error}")
 
     device = torch.cuda.get_device_name()
     print(f"device: {device}, torch {torch.__version__}, batchnorm {batchnorm.__version__}")
