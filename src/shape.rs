@@ -50,10 +50,19 @@ impl Shape {
 
     /// Accepts (N, C, H, W), or an unbatched (C, H, W) taken as N = 1.
     pub fn from_dims(dims: &[usize]) -> Result<Self> {
-        match *dims {
-            [n, c, h, w] => Ok(Shape::new(n, c, h, w)),
-            [c, h, w] => Ok(Shape::new(1, c, h, w)),
-            _ => Err(Error::Rank { what: "input", expected: Ranks::Planes.expected(), got: dims.to_vec() }),
+        Self::of_contiguous(dims, Ranks::Planes, "input")
+    }
+
+    /// The (N, C, H, W) shape of a C-contiguous array of `dims`, read as `ranks` says (see
+    /// [`Self::view_of`]; a C-contiguous array's spatial dimensions always nest).
+    pub fn of_contiguous(dims: &[usize], ranks: Ranks, what: &'static str) -> Result<Self> {
+        let mut strides = vec![1isize; dims.len()];
+        for axis in (0..dims.len().saturating_sub(1)).rev() {
+            strides[axis] = strides[axis + 1].saturating_mul(dims[axis + 1].max(1) as isize);
+        }
+        match Self::view_of(dims, &strides, ranks, what)? {
+            Some((shape, _)) => Ok(shape),
+            None => Err(Error::InvalidArgument(format!("{what} of shape {} has no view", shape_str(dims)))),
         }
     }
 

@@ -727,13 +727,7 @@ fn gpu_output<'py, T: Float>(
 
 /// The (N, C, H, W) shape of a C-contiguous GPU array of a module accepting `ranks`.
 fn shape_of(array: &GpuArray, what: &'static str, ranks: crate::Ranks) -> Result<crate::Shape> {
-    let mut strides = vec![1isize; array.shape.len()];
-    for axis in (0..array.shape.len().saturating_sub(1)).rev() {
-        strides[axis] = strides[axis + 1] * array.shape[axis + 1].max(1) as isize;
-    }
-    let view = crate::Shape::view_of(&array.shape, &strides, ranks, what)?;
-    // A C-contiguous array's spatial dimensions always nest.
-    view.map(|(shape, _)| shape).ok_or_else(|| Error::InvalidArgument(format!("{what} is not C-contiguous")))
+    crate::Shape::of_contiguous(&array.shape, ranks, what)
 }
 
 /// A NumPy call on a GPU module: the array goes to the device and the result comes back (a
