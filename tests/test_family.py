@@ -118,3 +118,14 @@ def test_matches_torch(rng, cls, shape):
         np.testing.assert_allclose(ours.backward(dy), tx.grad.numpy(), rtol=1e-9, atol=1e-9)
     for key, value in theirs.state_dict().items():
         np.testing.assert_allclose(ours.state_dict()[key], value.numpy(), rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def test_batchnorm3d_reads_a_5d_view_whose_dims_do_not_nest(rng):
+    base = rng.standard_normal((2, 3, 8, 9, 10))
+    x = base[:, :, ::2, ::3, ::2]
+    m, ref = batchnorm.BatchNorm3d(3, dtype=np.float64), ReferenceBatchNorm2d(3)
+    np.testing.assert_allclose(as_planes(m(x)), ref.forward(as_planes(np.ascontiguousarray(x))), **tol(np.float64))
+    dy = rng.standard_normal((2, 3, 8, 9, 10))[:, :, ::2, ::3, ::2]
+    np.testing.assert_allclose(
+        as_planes(m.backward(dy)), ref.backward(as_planes(np.ascontiguousarray(dy))), **tol(np.float64)
+    )

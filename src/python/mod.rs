@@ -343,49 +343,44 @@ fn detached<'py, T: Float>(array: Bound<'py, PyArrayDyn<T>>, spans: &[Span]) -> 
     Ok(array.call_method0("copy")?.cast_into::<PyArrayDyn<T>>()?)
 }
 
-/// The (N, C, H, W) view of an array, its ranks read as `ranks` says (see `Shape::view_of`),
-/// borrowed for as long as the array is. `None` for a 5D array whose spatial dimensions cannot
-/// be merged in place: the caller passes a C-contiguous copy instead.
-fn tensor_ref<'a, T: Float>(
-    array: &'a Bound<'_, PyArrayDyn<T>>,
-    what: &'static str,
-    ranks: Ranks,
-) -> Result<Option<TensorRef<'a, T>>> {
+/// The array's strides in elements (`readable` has checked they are whole elements).
+fn element_strides<T: Float>(array: &Bound<'_, PyArrayDyn<T>>) -> Vec<isize> {
     let item = std::mem::size_of::<T>() as isize;
-    let strides: Vec<isize> = array.strides().iter().map(|s| s / item).collect();
-    let Some((shape, strides)) = Shape::view_of(array.shape(), &strides, ranks, what)? else { return Ok(None) };
-    if shape.numel() == 0 {
-        return TensorRef::strided(&[], 0, shape, strides).map(Some);
-    }
-    let (low, high) = extent(&shape.dims(), &strides);
-    // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
-    // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
-    let data = unsafe { std::slice::from_raw_parts(array.data().offset(low), (high - low + 1) as usize) };
-    TensorRef::strided(data, (-low) as usize, shape, strides).map(Some)
+    array.strides().iter().map(|s| s / item).collect()
 }
 
-/// `array` as it is, or a C-contiguous copy of it where `tensor_ref` cannot view it in place.
+/// `array` as it is, or a C-contiguous copy of it where `view_of` cannot view it in place (a 5D
+/// array whose spatial strides do not nest).
 fn viewable<'py, T: Float>(
     array: Bound<'py, PyArrayDyn<T>>,
     what: &'static str,
     ranks: Ranks,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    let item = std::mem::size_of::<T>() as isize;
-    let strides: Vec<isize> = array.strides().iter().map(|s| s / item).collect();
-    if Shape::view_of(array.shape(), &strides, ranks, what)?.is_some() {
+    if Shape::view_of(array.shape(), &element_strides(&array), ranks, what)?.is_some() {
         return Ok(array);
     }
     let numpy = array.py().import("numpy")?;
     Ok(numpy.call_method1("ascontiguousarray", (&array,))?.cast_into::<PyArrayDyn<T>>()?)
 }
 
-/// The view of an array `viewable` has vetted.
+/// The (N, C, H, W) view of an array that `viewable` returned, its ranks read as `ranks` says
+/// (see `Shape::view_of`), borrowed for as long as the array is.
 fn view_of<'a, T: Float>(
     array: &'a Bound<'_, PyArrayDyn<T>>,
     what: &'static str,
     ranks: Ranks,
 ) -> Result<TensorRef<'a, T>> {
-    tensor_ref(array, what, ranks)?.ok_or_else(|| Error::InvalidArgument(format!("{what} cannot be viewed in place")))
+    let Some((shape, strides)) = Shape::view_of(array.shape(), &element_strides(array), ranks, what)? else {
+        return Err(Error::InvalidArgument(format!("{what} cannot be viewed in place: pass it through `viewable`")));
+    };
+    if shape.numel() == 0 {
+        return TensorRef::strided(&[], 0, shape, strides);
+    }
+    let (low, high) = extent(&shape.dims(), &strides);
+    // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
+    // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
+    let data = unsafe { std::slice::from_raw_parts(array.data().offset(low), (high - low + 1) as usize) };
+    TensorRef::strided(data, (-low) as usize, shape, strides)
 }
 
 /// Where a result goes: a fresh C-contiguous array, or the caller's `out=` after checking it.
@@ -500,7 +495,7 @@ impl PyBatchNorm2d {
         let py = slf.py();
         let this = slf.get();
         let buffers = module_spans(&lock(py, &this.layer).host);
-        let x = detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?;
+        let x = viewable(detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?, "input", this.ranks)?;
         let view = view_of(&x, "input", this.ranks)?;
         let others: Vec<Span> = buffers.into_iter().chain([Span::of_array("the input", x.as_untyped())]).collect();
         let y = output::<T>(py, out, x.shape(), &others)?;
@@ -532,6 +527,7 @@ impl PyBatchNorm2d {
         let x = input.into_bound(py).cast_into::<PyArrayDyn<T>>()?;
         let buffers = module_spans(&lock(py, &this.layer).host);
         let dy = detached(readable(typed_array::<T>(grad_output, "grad_output")?)?, &buffers)?;
+        let dy = viewable(dy, "grad_output", this.ranks)?;
         if dy.shape() != x.shape() {
             return Err(Error::ShapeMismatch {
                 what: "grad_output (the forward output's shape)".into(),
