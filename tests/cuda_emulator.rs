@@ -9,6 +9,8 @@
 //! No GPU needed. The emulator needs a C++20 compiler (`$CXX`, else `c++`); without one this test
 //! fails, unless `BATCHNORM_SKIP_EMULATOR=1` says to skip it.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -91,16 +93,8 @@ fn emulator(multiprocessors: u32, seed: u64) -> Option<Arc<Device>> {
 
 /// Values near `offset` (xorshift), a few far from it.
 fn values<T: Element>(count: usize, seed: u64, offset: f64) -> Vec<T> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|i| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-            T::from_f64(offset + if i % 53 == 0 { 40.0 * u } else { 2.0 * u - 1.0 })
-        })
-        .collect()
+    let far = |i: usize, u: f64| if i.is_multiple_of(53) { 40.0 * u } else { 2.0 * u - 1.0 };
+    common::uniform(count, seed).enumerate().map(|(i, u)| T::from_f64(offset + far(i, u))).collect()
 }
 
 /// Everything one training step and one eval step produce, from the device.

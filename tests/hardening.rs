@@ -1,6 +1,8 @@
 //! Hostile sizes and values through the Rust API: errors, never panics or aborts; and every
 //! work plan the planner can choose, at several thread counts, against a float64 reference.
 
+mod common;
+
 use batchnorm::functional::{batch_norm, batch_norm_backward};
 use batchnorm::{
     last_plan, set_num_threads, BatchNorm2d, Config, Error, PlanKind, SavedStats, Shape, TensorRef, Tuning,
@@ -69,15 +71,7 @@ fn nan_in_a_batch_reaches_the_running_variance() {
 
 /// Pseudo-random values in [-1, 1) plus `offset` (xorshift).
 fn values(count: usize, seed: u64, offset: f64) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            offset + 2.0 * ((state >> 11) as f64 / (1u64 << 53) as f64) - 1.0
-        })
-        .collect()
+    common::uniform(count, seed).map(|u| offset + 2.0 * u - 1.0).collect()
 }
 
 /// Training forward and backward of BatchNorm2d in plain f64, the way the documentation states it.

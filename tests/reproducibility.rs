@@ -10,6 +10,8 @@
 //!
 //! One test function: the thread count and the thresholds are process-wide.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use batchnorm::functional::batch_norm;
@@ -17,16 +19,8 @@ use batchnorm::{last_plan, set_num_threads, BatchNorm2d, Config, Element, Shape,
 
 /// Pseudo-random values near `offset` (xorshift), with a few large ones so that sums round.
 fn values(count: usize, seed: u64, offset: f64) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|i| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-            offset + if i % 97 == 0 { 1e3 * u } else { u }
-        })
-        .collect()
+    let far = |i: usize, u: f64| if i.is_multiple_of(97) { 1e3 * u } else { u };
+    common::uniform(count, seed).enumerate().map(|(i, u)| offset + far(i, u)).collect()
 }
 
 /// Where the arrays of a run sit.
