@@ -46,13 +46,103 @@ fn skipped() -> bool {
     skip
 }
 
+/// Set (to the library built with AddressSanitizer) in the child process that
+/// `every_access_stays_inside_its_array_under_address_sanitizer` runs.
+const ASAN_LIBRARY: &str = "BATCHNORM_EMULATOR_ASAN_LIBRARY";
+
 /// The emulator library, built once per test run.
 fn library() -> Option<&'static PathBuf> {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     if skipped() {
         return None;
     }
-    Some(BUILT.get_or_init(|| compile("emulator.cpp", "libbatchnorm_cuda_emulator.so", &["-shared", "-fPIC"])))
+    Some(BUILT.get_or_init(|| match std::env::var_os(ASAN_LIBRARY) {
+        Some(path) => PathBuf::from(path),
+        None => compile("emulator.cpp", "libbatchnorm_cuda_emulator.so", &["-shared", "-fPIC"]),
+    }))
+}
+
+/// Runs this test binary again with AddressSanitizer's runtime preloaded and the emulator built
+/// with it, on the tests named: their kernels' every read and write is checked.
+fn under_address_sanitizer(tests: &[&str]) -> std::process::Output {
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let runtime = Command::new(&compiler).arg("-print-file-name=libasan.so").output().expect("the C++ compiler runs");
+    let runtime = PathBuf::from(String::from_utf8_lossy(&runtime.stdout).trim());
+    assert!(runtime.is_absolute(), "{compiler} has no AddressSanitizer runtime (libasan); install it or set CXX");
+    let flags = ["-shared", "-fPIC", "-fsanitize=address", "-fno-omit-frame-pointer"];
+    let library = compile("emulator.cpp", "libbatchnorm_cuda_emulator_asan.so", &flags);
+    Command::new(std::env::current_exe().expect("the test binary's path"))
+        .args(["--exact", "--include-ignored", "--test-threads", "1"])
+        .args(tests)
+        .env(ASAN_LIBRARY, &library)
+        .env("LD_PRELOAD", &runtime)
+        // The Rust test harness is not instrumented; the emulator is what is checked.
+        .env("ASAN_OPTIONS", "detect_leaks=0:verify_asan_link_order=0:abort_on_error=0")
+        .output()
+        .expect("the test binary runs again")
+}
+
+/// Every kernel, in every configuration and both precisions, reads and writes only inside its
+/// arrays, shared memory and per-thread arrays; and a read one value past an array is reported.
+#[test]
+fn every_access_stays_inside_its_array_under_address_sanitizer() {
+    if skipped() || std::env::var_os(ASAN_LIBRARY).is_some() {
+        return;
+    }
+    let planted = under_address_sanitizer(&["a_read_past_an_array_is_reported_under_address_sanitizer"]);
+    let report = String::from_utf8_lossy(&planted.stderr);
+    assert!(
+        !planted.status.success() && report.contains("AddressSanitizer"),
+        "the planted read past an array was not reported:\n{report}"
+    );
+    let checked = under_address_sanitizer(&["every_kernel_on_the_shape_classes"]);
+    assert!(
+        checked.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// Run by the test above, in its AddressSanitizer child: the input tensor claims 4 values more
+/// than its buffer holds, so the statistics kernel reads into the poisoned guard.
+#[test]
+#[ignore = "run by every_access_stays_inside_its_array_under_address_sanitizer"]
+fn a_read_past_an_array_is_reported_under_address_sanitizer() {
+    assert!(std::env::var_os(ASAN_LIBRARY).is_some(), "meant for an AddressSanitizer child process");
+    let device = emulator(8, 1).expect("the emulator loads");
+    let shape = Shape::new(2, 3, 4, 4);
+    let x: Vec<f32> = values(shape.numel() - 4, 1, 0.0);
+    let mut layer = CudaBatchNorm2d::new(BatchNorm2d::<f32>::new(Config::new(3)).unwrap(), &device).unwrap();
+    let xb = DeviceBuffer::from_host(&device, &x).unwrap();
+    let yb = DeviceBuffer::<f32>::unset(&device, shape.numel()).unwrap();
+    // SAFETY: not safe, on purpose: the 4 values past `xb` are its guard, which AddressSanitizer
+    // stops the process on (the emulator's memory is host memory).
+    let _ = unsafe {
+        layer.forward(DeviceTensor::from_raw(xb.ptr(), shape), DeviceTensor::from_raw(yb.ptr(), shape), Stream::DEFAULT)
+    };
+}
+
+/// Memory nobody wrote reads as NaN on the emulator, so a kernel that reads an output or a
+/// workspace value before writing it shows in the results the tests compare.
+#[test]
+fn memory_nobody_wrote_reads_as_nan() {
+    let Some(device) = emulator(8, 1) else { return };
+    let shape = Shape::new(2, 3, 4, 4);
+    let mut layer = CudaBatchNorm2d::new(BatchNorm2d::<f32>::new(Config::new(3)).unwrap(), &device).unwrap();
+    let (xb, yb) = (
+        DeviceBuffer::<f32>::unset(&device, shape.numel()).unwrap(),
+        DeviceBuffer::<f32>::unset(&device, shape.numel()).unwrap(),
+    );
+    assert!(xb.to_host().unwrap().iter().all(|v| v.is_nan()));
+    // SAFETY: two live buffers of `numel` values.
+    unsafe {
+        layer.forward(DeviceTensor::from_raw(xb.ptr(), shape), DeviceTensor::from_raw(yb.ptr(), shape), Stream::DEFAULT)
+    }
+    .unwrap();
+    assert!(yb.to_host().unwrap().iter().all(|v| v.is_nan()));
+    let running_mean = layer.to_host().unwrap().buffer(Buffer::RunningMean).unwrap().to_vec();
+    assert!(running_mean.iter().all(|v| v.is_nan()), "{running_mean:?}");
 }
 
 /// The emulator catches the bugs it is for: a barrier reached from different lines or after
@@ -123,7 +213,9 @@ fn run_device<T: Element + bytemuck::Pod>(
         padded.extend_from_slice(values);
         DeviceBuffer::from_host(device, &padded).unwrap()
     };
-    let (xb, dyb, yb, dxb) = (buffer(x), buffer(dy), buffer(&vec![T::ZERO; x.len()]), buffer(&vec![T::ZERO; x.len()]));
+    // The outputs start unset (NaN on the emulator): a kernel that skips a value shows.
+    let output = || DeviceBuffer::<T>::unset(device, skip + x.len()).unwrap();
+    let (xb, dyb, yb, dxb) = (buffer(x), buffer(dy), output(), output());
     // SAFETY: four live buffers of `skip + numel` values on the layer's device.
     let at = |b: &DeviceBuffer<T>| unsafe { DeviceTensor::from_raw(b.ptr() + (skip * size_of::<T>()) as u64, shape) };
     let read = |b: &DeviceBuffer<T>| b.to_host().unwrap()[skip..].to_vec();
@@ -210,9 +302,9 @@ const SHAPES: [Shape; 7] = [
     Shape::new(2, 300, 2, 2),
 ];
 
-fn check<T: Element + bytemuck::Pod>(tolerance: f64) {
+fn check<T: Element + bytemuck::Pod>(tolerance: f64, shapes: &[Shape]) {
     let Some(device) = emulator(8, 1) else { return };
-    for shape in SHAPES {
+    for &shape in shapes {
         let (x, dy) = (values::<T>(shape.numel(), 1, 5.0), values::<T>(shape.numel(), 2, 0.0));
         for config in configs(shape.c) {
             let mut host = BatchNorm2d::<T>::new(config.clone()).unwrap();
@@ -233,14 +325,25 @@ fn check<T: Element + bytemuck::Pod>(tolerance: f64) {
     }
 }
 
+/// Run by `every_access_stays_inside_its_array_under_address_sanitizer`, where each access costs
+/// a check: one shape of each class the kernels treat apart (an odd plane, N = 1, C = 1, a
+/// channel split over blocks), every configuration, both precisions.
+#[test]
+#[ignore = "run by every_access_stays_inside_its_array_under_address_sanitizer"]
+fn every_kernel_on_the_shape_classes() {
+    let shapes = [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]];
+    check::<f32>(2e-5, &shapes);
+    check::<f64>(1e-12, &shapes);
+}
+
 #[test]
 fn every_kernel_matches_the_cpu_layer_in_float32() {
-    check::<f32>(2e-5);
+    check::<f32>(2e-5, &SHAPES);
 }
 
 #[test]
 fn every_kernel_matches_the_cpu_layer_in_float64() {
-    check::<f64>(1e-12);
+    check::<f64>(1e-12, &SHAPES);
 }
 
 /// The last block of a channel combines the partials in index order, so the order blocks run in

@@ -40,12 +40,15 @@ pub(crate) enum Backend {
 }
 
 type EmulatorLaunch = unsafe extern "C" fn(*const c_char, u32, u32, u32, *const c_void, u64, *mut c_char, usize) -> i32;
+type EmulatorPoison = unsafe extern "C" fn(*const c_void, usize, i32);
 
 /// `tests/cuda_emulator/emulator.cpp`, loaded: runs each launch's blocks one after another on the
 /// CPU, in an order drawn from `seed` and the launch's number. "Device memory" is host memory,
-/// each allocation fenced by guard bytes that are checked after every launch.
+/// each allocation fenced by guard bytes that are checked after every launch (and, in a build
+/// with AddressSanitizer, poisoned, so that a kernel reading them stops with a report).
 pub(crate) struct Emulator {
     launch: EmulatorLaunch,
+    poison: EmulatorPoison,
     seed: u64,
     launches: AtomicU64,
     /// Live allocations: address → length in bytes.
@@ -97,6 +100,27 @@ impl Emulator {
             }
         }
         Ok(())
+    }
+}
+
+impl Emulator {
+    /// Marks the guards around the `bytes` at `base + guard` as out of bounds for the kernels
+    /// (a no-op unless the emulator was built with AddressSanitizer).
+    ///
+    /// # Safety
+    /// `base` must start an emulator allocation of `2 * guard + bytes` bytes.
+    pub(crate) unsafe fn fence(&self, base: *const u8, guard: usize, bytes: usize) {
+        (self.poison)(base.cast(), guard, 1);
+        (self.poison)(base.add(guard + bytes).cast(), guard, 1);
+    }
+
+    /// Undoes [`Self::fence`] before the allocation is freed.
+    ///
+    /// # Safety
+    /// As for [`Self::fence`].
+    pub(crate) unsafe fn unfence(&self, base: *const u8, guard: usize, bytes: usize) {
+        (self.poison)(base.cast(), guard, 0);
+        (self.poison)(base.add(guard + bytes).cast(), guard, 0);
     }
 }
 
@@ -191,8 +215,15 @@ impl Device {
         let fail = |e: libloading::Error| Error::Cuda(format!("loading the emulator {}: {e}", library.display()));
         let library = libloading::Library::new(library).map_err(fail)?;
         let launch = *library.get::<EmulatorLaunch>(b"batchnorm_emulator_launch\0").map_err(fail)?;
-        let emulator =
-            Emulator { launch, seed, launches: AtomicU64::new(0), allocations: Mutex::default(), _library: library };
+        let poison = *library.get::<EmulatorPoison>(b"batchnorm_emulator_poison\0").map_err(fail)?;
+        let emulator = Emulator {
+            launch,
+            poison,
+            seed,
+            launches: AtomicU64::new(0),
+            allocations: Mutex::default(),
+            _library: library,
+        };
         Ok(Arc::new(Device {
             ordinal: 0,
             name: "the CPU emulator of kernels.cu".into(),

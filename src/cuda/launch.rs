@@ -88,11 +88,12 @@ impl Workspace {
         // splits ≤ ⌈target / C⌉, so C · splits ≤ target + C.
         let max_splits_total = reduction_target(device) + channels as u64;
         Ok(Workspace {
-            partials: DeviceBuffer::zeroed(device, max_splits_total as usize * PARTIAL_BYTES)?,
+            partials: DeviceBuffer::unset(device, max_splits_total as usize * PARTIAL_BYTES)?,
+            // The kernels count arrivals from zero and reset them to zero after each launch.
             arrivals: DeviceBuffer::zeroed(device, channels)?,
-            coefficients: DeviceBuffer::zeroed(device, channels * COEFFICIENT_BYTES)?,
-            saved_mean: DeviceBuffer::zeroed(device, channels)?,
-            saved_invstd: DeviceBuffer::zeroed(device, channels)?,
+            coefficients: DeviceBuffer::unset(device, channels * COEFFICIENT_BYTES)?,
+            saved_mean: DeviceBuffer::unset(device, channels)?,
+            saved_invstd: DeviceBuffer::unset(device, channels)?,
             max_splits_total,
         })
     }

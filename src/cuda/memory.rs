@@ -79,9 +79,9 @@ impl<T: Element> DeviceBuffer<T> {
     /// `len` values, unset, for an output written on `stream`: from the device's stream-ordered
     /// pool where it has one (no device-wide synchronization, unlike cuMemAlloc and cuMemFree).
     pub fn for_output(device: &Arc<Device>, len: usize, stream: Stream) -> Result<Self> {
-        let Backend::Driver { context, .. } = &device.backend else { return Self::zeroed(device, len) };
+        let Backend::Driver { context, .. } = &device.backend else { return Self::unset(device, len) };
         if !context.has_async_alloc() {
-            return Self::zeroed(device, len);
+            return Self::unset(device, len);
         }
         device.bind()?;
         let bytes = byte_len::<T>(len)?;
@@ -117,24 +117,35 @@ pub unsafe fn copy_to_host<T: Element>(device: &Device, ptr: u64, len: usize) ->
     Ok(values)
 }
 
+/// What a fresh allocation holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Zeros,
+    /// Whatever the memory held: the caller's kernels write it before anything reads it. The
+    /// emulator fills it with 0xFF bytes (NaN in float32 and float64, a huge count in an
+    /// integer), so a kernel that reads a value nobody wrote shows in its results.
+    Unset,
+}
+
 impl Device {
-    /// `bytes` of zeroed device memory.
-    fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+    fn alloc(&self, bytes: usize, fill: Fill) -> Result<u64> {
         match &self.backend {
             Backend::Driver { .. } => {
                 self.bind()?;
-                // SAFETY: a fresh allocation of `bytes`, zeroed before anyone reads it.
+                // SAFETY: a fresh allocation of `bytes`; zeroed below unless the caller writes it first.
                 let ptr =
                     unsafe { driver::malloc_sync(bytes) }.map_err(|e| driver_error("allocation (cuMemAlloc)", e))?;
-                // SAFETY: `ptr` owns `bytes` bytes.
-                if let Err(e) = unsafe { driver::memset_d8_sync(ptr, 0, bytes) } {
-                    // SAFETY: allocated above, freed once.
-                    let _ = unsafe { driver::free_sync(ptr) };
-                    return Err(driver_error("memset", e));
+                if fill == Fill::Zeros {
+                    // SAFETY: `ptr` owns `bytes` bytes.
+                    if let Err(e) = unsafe { driver::memset_d8_sync(ptr, 0, bytes) } {
+                        // SAFETY: allocated above, freed once.
+                        let _ = unsafe { driver::free_sync(ptr) };
+                        return Err(driver_error("memset", e));
+                    }
                 }
                 Ok(ptr)
             }
-            Backend::Emulator(emulator) => emulator.alloc_zeroed(bytes),
+            Backend::Emulator(emulator) => emulator.alloc(bytes, fill),
         }
     }
 
@@ -198,7 +209,7 @@ impl Emulator {
             .ok_or_else(|| crate::Error::Memory(format!("an emulated allocation of {bytes} bytes")))
     }
 
-    fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+    fn alloc(&self, bytes: usize, fill: Fill) -> Result<u64> {
         let layout = Self::layout(bytes)?;
         // SAFETY: the layout is not zero-sized (it holds the guards).
         let base = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -209,6 +220,10 @@ impl Emulator {
         unsafe {
             std::ptr::write_bytes(base, GUARD_BYTE, GUARD);
             std::ptr::write_bytes(base.add(GUARD + bytes), GUARD_BYTE, GUARD);
+            if fill == Fill::Unset {
+                std::ptr::write_bytes(base.add(GUARD), 0xFF, bytes);
+            }
+            self.fence(base, GUARD, bytes);
         }
         let ptr = base as u64 + GUARD as u64;
         self.allocations.lock().unwrap_or_else(|p| p.into_inner()).insert(ptr, bytes);
@@ -217,9 +232,13 @@ impl Emulator {
 
     fn free(&self, ptr: u64) {
         let bytes = self.allocations.lock().unwrap_or_else(|p| p.into_inner()).remove(&ptr);
-        if let Some(layout) = bytes.and_then(|bytes| Self::layout(bytes).ok()) {
-            // SAFETY: allocated by `alloc_zeroed` with this layout, at `ptr - GUARD`.
-            unsafe { std::alloc::dealloc((ptr as usize - GUARD) as *mut u8, layout) };
+        if let Some((bytes, layout)) = bytes.and_then(|bytes| Some((bytes, Self::layout(bytes).ok()?))) {
+            // SAFETY: allocated by `alloc` with this layout, at `ptr - GUARD`.
+            unsafe {
+                let base = (ptr as usize - GUARD) as *mut u8;
+                self.unfence(base, GUARD, bytes);
+                std::alloc::dealloc(base, layout)
+            };
         }
     }
 }
@@ -244,7 +263,17 @@ pub fn device_of_pointer(ptr: u64) -> Result<usize> {
 impl<T: bytemuck::Pod> DeviceBuffer<T> {
     /// `len` values of `T`, every byte zero.
     pub fn zeroed(device: &Arc<Device>, len: usize) -> Result<Self> {
-        let ptr = device.alloc_zeroed(byte_len::<T>(len)?)?;
+        Self::alloc(device, len, Fill::Zeros)
+    }
+
+    /// `len` values of `T`, unset: for memory that kernels write before anything reads it (on
+    /// the emulator every byte is 0xFF, NaN for floats, so reading it first shows).
+    pub fn unset(device: &Arc<Device>, len: usize) -> Result<Self> {
+        Self::alloc(device, len, Fill::Unset)
+    }
+
+    fn alloc(device: &Arc<Device>, len: usize, fill: Fill) -> Result<Self> {
+        let ptr = device.alloc(byte_len::<T>(len)?, fill)?;
         Ok(DeviceBuffer {
             ptr,
             len,
@@ -256,7 +285,7 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
     }
 
     pub fn from_host(device: &Arc<Device>, values: &[T]) -> Result<Self> {
-        let buffer = Self::zeroed(device, values.len())?;
+        let buffer = Self::unset(device, values.len())?;
         buffer.write(values)?;
         Ok(buffer)
     }

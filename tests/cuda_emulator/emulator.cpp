@@ -9,12 +9,23 @@
 // shuffle after lanes exited, and a deadlock. What it cannot show: concurrency between blocks
 // and the memory model across them, FMA contraction (the GPU fuses a*b+c, this build does not),
 // alignment faults, speed.
+//
+// Built with -fsanitize=address (tests/cuda_emulator.rs does, in a child process that preloads
+// the runtime), every kernel access is checked: the guards around each allocation are poisoned
+// (batchnorm_emulator_poison), so a read or write outside an array stops with a report, as
+// out-of-bounds shared memory and per-thread arrays do. The fibers tell AddressSanitizer about
+// each stack switch.
 
 #include "cuda_shim.h"
 #include "kernels.cu"
 
 #include <setjmp.h>
 #include <ucontext.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <algorithm>
 #include <cstdio>
@@ -62,13 +73,35 @@ std::vector<std::vector<char>> stacks;
 
 Fiber& me() { return running->fibers[running->current]; }
 
+// AddressSanitizer must know which stack runs: a switch is announced before the jump and
+// completed on the new stack. The scheduler's stack bounds are learnt on its first switch.
+#if defined(__SANITIZE_ADDRESS__)
+const void* scheduler_stack = nullptr;
+size_t scheduler_stack_size = 0;
+void to_fiber(unsigned t) { __sanitizer_start_switch_fiber(nullptr, stacks[t].data(), stacks[t].size()); }
+void to_scheduler() { __sanitizer_start_switch_fiber(nullptr, scheduler_stack, scheduler_stack_size); }
+void on_fiber() { __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack, &scheduler_stack_size); }
+void on_scheduler() { __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr); }
+#else
+void to_fiber(unsigned) {}
+void to_scheduler() {}
+void on_fiber() {}
+void on_scheduler() {}
+#endif
+
 void yield() {
-    if (!_setjmp(me().jump)) _longjmp(running->scheduler_jump, 1);
+    if (!_setjmp(me().jump)) {
+        to_scheduler();
+        _longjmp(running->scheduler_jump, 1);
+    }
+    on_fiber();
 }
 
 void fiber_main() {
+    on_fiber();
     entry(entry_args);
     me().state = State::Done;
+    to_scheduler();
     _longjmp(running->scheduler_jump, 1);  // never returns: its first caller's frame is gone
 }
 
@@ -76,7 +109,11 @@ void fiber_main() {
 void resume(Block& b, unsigned t) {
     b.current = t;
     Fiber& f = b.fibers[t];
-    if (_setjmp(b.scheduler_jump)) return;
+    if (_setjmp(b.scheduler_jump)) {
+        on_scheduler();
+        return;
+    }
+    to_fiber(t);
     if (f.started) _longjmp(f.jump, 1);
     f.started = true;
     swapcontext(&b.scheduler, &f.context);
@@ -213,6 +250,19 @@ uint64_t shuffle_down(uint64_t value, unsigned mask, int delta, int line) {
 }
 
 }  // namespace emu
+
+// Marks `bytes` at `address` as out of bounds (`poisoned` ≠ 0) or back in bounds, for
+// AddressSanitizer; without it, nothing to do (the launcher checks the guards' bytes instead).
+extern "C" void batchnorm_emulator_poison(const void* address, size_t bytes, int poisoned) {
+#if defined(__SANITIZE_ADDRESS__)
+    if (poisoned)
+        ASAN_POISON_MEMORY_REGION(address, bytes);
+    else
+        ASAN_UNPOISON_MEMORY_REGION(address, bytes);
+#else
+    (void)address, (void)bytes, (void)poisoned;
+#endif
+}
 
 // Runs kernel `name` on a grid of (grid_x, grid_y) blocks of `threads` threads with its one
 // argument struct, the blocks in an order drawn from `seed`. 0 on success; otherwise a message
