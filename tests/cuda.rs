@@ -3,7 +3,7 @@
 //! With one: forward and backward agree with the CPU layer.
 
 use batchnorm::cuda::{self, CudaBatchNorm2d, DeviceBuffer, DeviceTensor, Stream};
-use batchnorm::{BatchNorm2d, Buffer, Config, Shape, TensorRef};
+use batchnorm::{BatchNorm2d, Buffer, Config, Element, Shape, TensorRef};
 
 /// Lets the library look where pip installs NVRTC, as the Python bindings do.
 fn add_python_search_roots() {
@@ -103,5 +103,125 @@ fn gpu_forward_and_backward_agree_with_the_cpu() {
         let back = gpu.to_host().unwrap();
         assert!(close(back.running_var().unwrap(), cpu.running_var().unwrap()));
         assert!(close(back.grad_weight().unwrap(), cpu.grad_weight().unwrap()));
+    }
+}
+
+#[test]
+fn gpu_reports_the_driver_and_nvrtc_versions() {
+    let Some(_device) = gpu() else { return };
+    let versions = cuda::library::versions().expect("versions with a GPU");
+    eprintln!("driver supports CUDA {:?}, NVRTC {:?}", versions.driver, versions.nvrtc);
+    assert!(versions.nvrtc.0 <= versions.driver.0, "{versions:?}");
+}
+
+/// `a` within `tolerance` of `b`, relative to 1 + |b|, element by element.
+fn assert_close<T: Element>(a: &[T], b: &[T], tolerance: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (a, b)) in a.iter().zip(b).enumerate() {
+        let (a, b) = (a.to_f64(), b.to_f64());
+        assert!((a - b).abs() <= tolerance * (1.0 + b.abs()), "{what}[{i}]: {a} vs {b}");
+    }
+}
+
+/// Train, train, eval steps with a backward after each, on the GPU and on the CPU layer, with x,
+/// y, dy and dx `offset` elements past a 256-byte boundary (so an odd offset takes the unaligned
+/// kernels). Every output and buffer is compared with the CPU's.
+fn agree_with_the_cpu<T: Element>(device: &std::sync::Arc<cuda::Device>, config: Config, shape: Shape, offset: usize) {
+    let tolerance = if std::mem::size_of::<T>() == 4 { 2e-5 } else { 1e-11 };
+    let what = format!("{} {config:?} {shape:?} offset {offset}", T::DTYPE);
+    let mut cpu = BatchNorm2d::<T>::new(config.clone()).unwrap();
+    if config.affine {
+        let weight: Vec<T> = values(shape.c, 3).iter().map(|&v| T::from_f64(f64::from(v) / 4.0)).collect();
+        cpu.buffer_mut(Buffer::Weight).unwrap().copy_from_slice(&weight);
+        if config.bias {
+            let bias: Vec<T> = values(shape.c, 4).iter().map(|&v| T::from_f64(f64::from(v) - 5.0)).collect();
+            cpu.buffer_mut(Buffer::Bias).unwrap().copy_from_slice(&bias);
+        }
+    }
+    let mut gpu = CudaBatchNorm2d::new(cpu.clone(), device).unwrap();
+    let len = shape.numel();
+    let arena = |seed: u64| -> DeviceBuffer<T> {
+        let mut host = vec![T::ZERO; len + offset];
+        for (slot, v) in host[offset..].iter_mut().zip(values(len, seed)) {
+            *slot = T::from_f64(f64::from(v) * (seed as f64) + 100.0);
+        }
+        DeviceBuffer::from_host(device, &host).unwrap()
+    };
+    for (step, training) in [true, true, false].into_iter().enumerate() {
+        cpu.set_training(training);
+        gpu.set_training(training);
+        let (x_buffer, dy_buffer) = (arena(10 + step as u64), arena(20 + step as u64));
+        let (y_buffer, dx_buffer) = (arena(1), arena(2));
+        let x = x_buffer.to_host().unwrap()[offset..].to_vec();
+        let dy = dy_buffer.to_host().unwrap()[offset..].to_vec();
+        let (mut y, mut dx) = (vec![T::ZERO; len], vec![T::ZERO; len]);
+        let saved = cpu.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+        cpu.backward(
+            &saved,
+            &TensorRef::contiguous(&x, shape).unwrap(),
+            &TensorRef::contiguous(&dy, shape).unwrap(),
+            &mut dx,
+        )
+        .unwrap();
+        let at = |buffer: &DeviceBuffer<T>| buffer.ptr() + (offset * std::mem::size_of::<T>()) as u64;
+        // SAFETY: four live buffers of `offset + len` values on the layer's device.
+        unsafe {
+            let tensor = |buffer: &DeviceBuffer<T>| DeviceTensor::from_raw(at(buffer), shape);
+            gpu.forward(tensor(&x_buffer), tensor(&y_buffer), Stream::DEFAULT).unwrap();
+            gpu.backward(tensor(&x_buffer), tensor(&dy_buffer), tensor(&dx_buffer), Stream::DEFAULT).unwrap();
+        }
+        gpu.synchronize().unwrap();
+        assert_close(&y_buffer.to_host().unwrap()[offset..], &y, tolerance, &format!("y, step {step}, {what}"));
+        assert_close(&dx_buffer.to_host().unwrap()[offset..], &dx, 10.0 * tolerance, &format!("dx, step {step}, {what}"));
+    }
+    let back = gpu.to_host().unwrap();
+    assert_eq!(back.num_batches_tracked(), cpu.num_batches_tracked(), "{what}");
+    let buffers = [
+        (back.running_mean(), cpu.running_mean(), "running_mean"),
+        (back.running_var(), cpu.running_var(), "running_var"),
+        (back.grad_weight(), cpu.grad_weight(), "grad_weight"),
+        (back.grad_bias(), cpu.grad_bias(), "grad_bias"),
+    ];
+    for (ours, theirs, name) in buffers {
+        assert_eq!(ours.is_some(), theirs.is_some(), "{name} {what}");
+        if let (Some(ours), Some(theirs)) = (ours, theirs) {
+            assert_close(ours, theirs, 10.0 * tolerance, &format!("{name} {what}"));
+        }
+    }
+}
+
+/// Every kernel variant: wide and single loads, aligned and not, f32 and f64, one block and many
+/// per channel, every configuration that changes which pointers the kernels get.
+#[test]
+fn gpu_every_kernel_variant_agrees_with_the_cpu() {
+    let Some(device) = gpu() else { return };
+    let configs = [
+        Config::new(1),
+        Config { momentum: None, ..Config::new(1) },
+        Config { affine: false, ..Config::new(1) },
+        Config { bias: false, ..Config::new(1) },
+        Config { track_running_stats: false, eps: 1e-3, ..Config::new(1) },
+    ];
+    let shapes = [Shape::new(4, 3, 8, 8), Shape::new(3, 5, 7, 7), Shape::new(1, 2, 1, 9), Shape::new(64, 2, 32, 33)];
+    for config in &configs {
+        for shape in shapes {
+            let config = Config { num_features: shape.c, ..config.clone() };
+            for offset in [0, 1] {
+                agree_with_the_cpu::<f32>(&device, config.clone(), shape, offset);
+                agree_with_the_cpu::<f64>(&device, config.clone(), shape, offset);
+            }
+        }
+    }
+}
+
+/// The smallest case of each kernel, for compute-sanitizer's slow race and barrier checks.
+#[test]
+fn gpu_smallest_shapes_of_every_kernel() {
+    let Some(device) = gpu() else { return };
+    for shape in [Shape::new(2, 2, 2, 4), Shape::new(2, 2, 1, 3)] {
+        for offset in [0, 1] {
+            agree_with_the_cpu::<f32>(&device, Config::new(shape.c), shape, offset);
+            agree_with_the_cpu::<f64>(&device, Config::new(shape.c), shape, offset);
+        }
     }
 }

@@ -377,3 +377,76 @@ def test_jax_arrays_are_read_in_place_without_torch(rng):
     x = rng.standard_normal((4, 3, 6, 5)).astype(np.float32)
     y = m(jax.device_put(x, gpus[0]))
     np.testing.assert_allclose(np.asarray(jax.dlpack.from_dlpack(y)), ref.forward(x), **tol(np.float32))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (batchnorm.BatchNorm1d, (6, 4)),
+        (batchnorm.BatchNorm1d, (5, 4, 7)),
+        (batchnorm.BatchNorm3d, (2, 4, 3, 5, 6)),
+        (batchnorm.BatchNorm3d, (3, 4, 1, 2, 1)),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_batchnorm1d_and_3d_on_the_gpu_match_the_reference(rng, cls, shape, dtype):
+    c = shape[1]
+    m, ref = cls(c, dtype=dtype, device="cuda"), ReferenceBatchNorm2d(c)
+    ref.weight = rng.uniform(0.5, 2, c).astype(dtype).astype(np.float64)
+    ref.bias = rng.standard_normal(c).astype(dtype).astype(np.float64)
+    m.weight, m.bias = ref.weight.astype(dtype), ref.bias.astype(dtype)
+    planes = (shape[0], c, 1, -1)
+    for step in range(3):
+        m.train(step < 2)
+        ref.training = step < 2
+        x = (rng.standard_normal(shape) * (step + 1) + step).astype(dtype)
+        y = m(x)
+        assert y.shape == shape
+        np.testing.assert_allclose(y.reshape(planes), ref.forward(x.reshape(planes)), **tol(dtype))
+        dy = rng.standard_normal(shape).astype(dtype)
+        dx = m.backward(dy)
+        np.testing.assert_allclose(dx.reshape(planes), ref.backward(dy.reshape(planes)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m.state_dict()["running_var"], ref.running_var, **tol(dtype))
+    assert m.num_batches_tracked == 2
+
+
+@needs_gpu
+@needs_torch
+def test_two_modules_on_two_streams_run_concurrently_and_stay_apart(rng):
+    shape = (16, 8, 32, 32)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    pairs = [pair(8, np.float32) for _ in streams]
+    for m, _ in pairs:
+        m.to("cuda")
+    inputs = [[(rng.standard_normal(shape) * (k + 1) + k).astype(np.float32) for k in range(3)] for _ in streams]
+    results = [[], []]
+    for step in range(3):
+        for which, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                y = pairs[which][0](on_gpu(inputs[which][step]), stream=stream)
+                results[which].append(torch.from_dlpack(y).clone())
+    torch.cuda.synchronize()
+    for which, (m, ref) in enumerate(pairs):
+        for step in range(3):
+            expected = ref.forward(inputs[which][step])
+            np.testing.assert_allclose(results[which][step].cpu().numpy(), expected, **tol(np.float32))
+        np.testing.assert_allclose(m.state_dict()["running_var"], ref.running_var, **tol(np.float32))
+
+
+@needs_gpu
+def test_a_gpu_module_saves_a_state_file_that_loads_on_the_cpu(rng, tmp_path):
+    m, ref = pair(3, np.float32)
+    randomize_parameters(m, ref, rng, np.float32)
+    m.to("cuda")
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    m(x)
+    ref.forward(x)
+    m.save(tmp_path / "bn.safetensors")
+    loaded = batchnorm.BatchNorm2d.from_file(tmp_path / "bn.safetensors")
+    assert loaded.device == "cpu"
+    np.testing.assert_allclose(loaded.running_mean, ref.running_mean, **tol(np.float32))
+    np.testing.assert_allclose(loaded.running_var, ref.running_var, **tol(np.float32))
+    np.testing.assert_array_equal(loaded.weight, ref.weight.astype(np.float32))
+    assert loaded.num_batches_tracked == 1

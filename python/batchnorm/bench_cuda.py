@@ -1,50 +1,84 @@
 """CUDA benchmark: batchnorm on the GPU beside PyTorch (cuDNN on and off) and a device-to-device copy.
 
-Run `python -m batchnorm.bench_cuda [--json PATH]` on a machine with a GPU, PyTorch (CUDA) and the
-batchnorm wheel. Each case is timed with CUDA events around every call, after warm-up, rotating
-among input sets larger than L2 together, and reported as the median; bandwidth counts one read of
-x and one write of y (the floor), and is compared with the copy's, measured the same way.
+Run `python -m batchnorm.bench_cuda [--json PATH] [--quick]` on a machine with a GPU, PyTorch (CUDA) and
+the batchnorm wheel; `--table PATH` prints the Markdown tables of a saved run. Rounds are interleaved:
+each round times every case once, as CALLS back-to-back calls between two CUDA events (so launch
+gaps overlap with the GPU's work, as in a training step), rotating among input sets larger than L2
+together; a case's time is the median over rounds, per call. Bandwidth is counted against each
+operation's floor: one read of every input and one write of every output (train and eval: x, y;
+backward: x, dy, dx), and compared with the copy's (read + write), timed the same way.
 """
 
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import batchnorm
 
-SHAPES = [(32, 64, 56, 56), (256, 64, 56, 56)]
-REPEAT = 50
-WARMUP = 5
+# The issue's two shapes, then ResNet-50's batch-norm shapes at batch 64 (each (C, H, W) once).
+HEADLINE = [(32, 64, 56, 56), (256, 64, 56, 56)]
+RESNET50 = [
+    (64, c, h, h)
+    for c, h in [
+        (64, 112),
+        (64, 56),
+        (128, 56),
+        (256, 56),
+        (128, 28),
+        (256, 28),
+        (512, 28),
+        (256, 14),
+        (512, 14),
+        (1024, 14),
+        (512, 7),
+        (2048, 7),
+    ]
+]
+ROUNDS, CALLS, WARMUP = 15, 10, 3
+L2_MULTIPLE = 4  # input sets together this many times the L2, so no call finds its input cached
+
+# Per case: which columns of the table it belongs to, and how many tensor-sized transfers its
+# floor moves.
+FLOOR_TRANSFERS = {"copy": 2, "train": 2, "eval": 2, "backward": 3, "train+backward": 5}
 
 
-def timed_median_ms(torch, call, inputs):
-    for i in range(WARMUP):
-        call(*inputs[i % len(inputs)])
-    times = []
-    for i in range(REPEAT):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        args = inputs[i % len(inputs)]
-        start.record()
-        call(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms_per_call(torch, rows, inputs):
+    """Interleaved rounds over every row; the median time per call of each row, in ms."""
+    for call in rows.values():
+        for i in range(WARMUP):
+            call(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    times = {name: [] for name in rows}
+    position = 0
+    for _ in range(ROUNDS):
+        events = {}
+        for name, call in rows.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(CALLS):
+                call(*inputs[position % len(inputs)])
+                position += 1
+            end.record()
+            events[name] = (start, end)
+        torch.cuda.synchronize()
+        for name, (start, end) in events.items():
+            times[name].append(start.elapsed_time(end) / CALLS)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def cases(torch, shape):
+def rows_for(torch, shape, channels_last):
+    """The timed calls for one shape: name -> (operation, function of (x, dy))."""
     functional = torch.nn.functional
     c = shape[1]
-    sets = max(2, -(-256 * 2**20 // (4 * torch.Size(shape).numel())))  # > 256 MiB in all: beyond any L2
-    inputs = [(torch.randn(shape, device="cuda") * 2 + 1, torch.randn(shape, device="cuda")) for _ in range(sets)]
-    out = torch.empty(shape, device="cuda")
-    ours = batchnorm.BatchNorm2d(c, device="cuda")
-    ours_eval = batchnorm.BatchNorm2d(c, device="cuda").eval()
-    weight = torch.ones(c, device="cuda", requires_grad=True)
-    bias = torch.zeros(c, device="cuda", requires_grad=True)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(shape, device="cuda").contiguous(memory_format=memory_format)
+    weight = torch.rand(c, device="cuda", requires_grad=True)
+    bias = torch.randn(c, device="cuda", requires_grad=True)
     mean, var = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    rows = {"copy": ("copy", lambda x, _: out.copy_(x))}
 
     def torch_train(x, _):
         functional.batch_norm(x, mean, var, weight, bias, training=True)
@@ -52,35 +86,141 @@ def cases(torch, shape):
     def torch_eval(x, _):
         functional.batch_norm(x, mean, var, weight, bias, training=False)
 
-    def torch_backward(x, dy):
+    def torch_train_backward(x, dy):
         x = x.detach().requires_grad_()
         y = functional.batch_norm(x, mean, var, weight, bias, training=True)
         torch.autograd.grad(y, (x, weight, bias), dy)
 
-    def ours_backward(x, dy):
+    rows["torch train"] = ("train", torch_train)
+    rows["torch eval"] = ("eval", torch_eval)
+    rows["torch train+backward"] = ("train+backward", torch_train_backward)
+    if channels_last:
+        return rows  # the GPU backend takes C-contiguous (NCHW) arrays only, so far
+
+    ours = batchnorm.BatchNorm2d(c, device="cuda")
+    ours.weight, ours.bias = weight.detach(), bias.detach()
+    ours_eval = batchnorm.BatchNorm2d(c, device="cuda").eval()
+
+    def ours_train_backward(x, dy):
         ours(x, out=out)
         ours.backward(dy, out=out)
 
-    rows = {
-        "copy": lambda x, _: out.copy_(x),
-        "batchnorm train": lambda x, _: ours(x, out=out),
-        "batchnorm eval": lambda x, _: ours_eval(x, out=out),
-        "batchnorm train+backward": ours_backward,
-        "torch train": torch_train,
-        "torch eval": torch_eval,
-        "torch train+backward": torch_backward,
-    }
-    results = {name: timed_median_ms(torch, call, inputs) for name, call in rows.items()}
+    rows["batchnorm train"] = ("train", lambda x, _: ours(x, out=out))
+    rows["batchnorm eval"] = ("eval", lambda x, _: ours_eval(x, out=out))
+    rows["batchnorm train+backward"] = ("train+backward", ours_train_backward)
+    # The backward alone, of the forward just before it in each round (train+backward's).
+    rows["batchnorm backward"] = ("backward", lambda _, dy: ours.backward(dy, out=out))
+    return rows
+
+
+def measure(torch, shape, channels_last=False):
+    sets = max(2, -(-L2_MULTIPLE * l2_bytes(torch) // (4 * torch.Size(shape).numel())))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [
+        (
+            (torch.randn(shape, device="cuda") * 2 + 1).contiguous(memory_format=memory_format),
+            torch.randn(shape, device="cuda").contiguous(memory_format=memory_format),
+        )
+        for _ in range(sets)
+    ]
+    rows = rows_for(torch, shape, channels_last)
+    calls = {name: call for name, (_, call) in rows.items()}
+    results = median_ms_per_call(torch, calls, inputs)
     with torch.backends.cudnn.flags(enabled=False):
-        for name in ("train", "eval", "train+backward"):
-            results[f"torch (no cuDNN) {name}"] = timed_median_ms(torch, rows[f"torch {name}"], inputs)
-    return results
+        plain = {f"{name} (no cuDNN)": calls[name] for name in calls if name.startswith("torch")}
+        results.update(median_ms_per_call(torch, plain, inputs))
+    operations = {name: operation for name, (operation, _) in rows.items()}
+    operations.update({f"{name} (no cuDNN)": operations[name] for name in calls if name.startswith("torch")})
+    return {name: {"ms": ms, "operation": operations[name]} for name, ms in results.items()}
+
+
+def l2_bytes(torch):
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
+
+
+def environment(torch):
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    return {
+        "device": torch.cuda.get_device_name(),
+        "multiprocessors": props.multi_processor_count,
+        "l2_bytes": l2_bytes(torch),
+        "driver": driver,
+        "cuda": batchnorm.cuda_versions(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "batchnorm": batchnorm.__version__,
+        "rounds": ROUNDS,
+        "calls_per_round": CALLS,
+    }
+
+
+def rate(shape, entry, copy_ms):
+    """GB/s over the operation's floor, and that as a fraction of the copy's rate."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    floor = FLOOR_TRANSFERS[entry["operation"]] * 4 * numel
+    copy_rate = 2 * 4 * numel / copy_ms / 1e6
+    achieved = floor / entry["ms"] / 1e6
+    return achieved, achieved / copy_rate
+
+
+def tables(report):
+    """Markdown: per shape and layout, each case's time, bandwidth and share of the copy's."""
+    env = report["environment"]
+    lines = [
+        f"{env['device']} ({env['multiprocessors']} SMs), driver {env['driver']}, CUDA {env['cuda']}, "
+        f"torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); float32; median of "
+        f"{env['rounds']} interleaved rounds of {env['calls_per_round']} calls; "
+        "'of copy' = bandwidth over the operation's floor / the D2D copy's bandwidth.",
+        "",
+    ]
+    for key, results in report["shapes"].items():
+        shape = tuple(results["shape"])
+        copy_ms = results["cases"]["copy"]["ms"]
+        lines += [f"**{key}** (copy {copy_ms * 1e3:.1f} µs, {2 * 4 * _numel(shape) / copy_ms / 1e6:.0f} GB/s)", ""]
+        lines += ["| case | µs | GB/s | of copy | torch (cuDNN) / batchnorm |", "|---|---:|---:|---:|---:|"]
+        for name, entry in results["cases"].items():
+            if name == "copy":
+                continue
+            achieved, share = rate(shape, entry, copy_ms)
+            speedup = ""
+            if name.startswith("batchnorm"):
+                theirs = results["cases"].get("torch " + name.removeprefix("batchnorm "))
+                if theirs:
+                    speedup = f"{theirs['ms'] / entry['ms']:.2f}×"
+            lines.append(f"| {name} | {entry['ms'] * 1e3:.1f} | {achieved:.0f} | {share:.0%} | {speedup} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _numel(shape):
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m batchnorm.bench_cuda", description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="bench-results/bench_cuda.json", help="where to write the results")
+    parser.add_argument("--quick", action="store_true", help="the two headline shapes only, NCHW")
+    parser.add_argument("--table", metavar="JSON", help="print the Markdown tables of a saved run and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(tables(json.load(f)))
+        return
     try:
         import torch
     except ImportError:
@@ -92,21 +232,24 @@ def main(argv=None):
     except RuntimeError as error:
         sys.exit(f"python -m batchnorm.bench_cuda: batchnorm cannot use the GPU: {error}")
 
-    device = torch.cuda.get_device_name()
-    print(f"device: {device}, torch {torch.__version__}, batchnorm {batchnorm.__version__}")
-    report = {"device": device, "torch": torch.__version__, "shapes": {}}
-    for shape in SHAPES:
-        results = cases(torch, shape)
-        floor_bytes = 2 * 4 * torch.Size(shape).numel()
-        copy_rate = floor_bytes / results["copy"] / 1e6
-        print(f"\n(N, C, H, W) = {shape}, float32; copy {results['copy']:.3f} ms = {copy_rate:.0f} GB/s")
-        for name, ms in results.items():
-            rate = floor_bytes / ms / 1e6
-            print(f"  {name:34s} {ms:8.3f} ms  {rate:7.0f} GB/s  {rate / copy_rate:6.1%} of copy")
-        report["shapes"][str(shape)] = results
+    report = {"environment": environment(torch), "shapes": {}}
+    print(json.dumps(report["environment"]))
+    plan = [(shape, False) for shape in HEADLINE]
+    if not args.quick:
+        plan += [(shape, layout) for shape in RESNET50 for layout in (False, True)]
+    for index, (shape, channels_last) in enumerate(plan, 1):
+        key = f"{shape}{' channels-last' if channels_last else ''}"
+        print(f"[{index}/{len(plan)}] {key}", flush=True)
+        report["shapes"][key] = {
+            "shape": list(shape),
+            "channels_last": channels_last,
+            "cases": measure(torch, shape, channels_last),
+        }
+        torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
+    print(tables(report))
 
 
 if __name__ == "__main__":

@@ -96,11 +96,34 @@ fn nvrtc_candidates() -> Vec<PathBuf> {
 
 /// The newest CUDA major version the driver supports (13 for a 580 driver), when there is one.
 pub(crate) fn driver_cuda_major() -> Option<u32> {
-    driver().ok()?;
+    driver_version().ok().map(|(major, _)| major)
+}
+
+/// The newest CUDA (major, minor) version the driver supports.
+fn driver_version() -> Result<(u32, u32)> {
+    driver()?;
     let mut version = 0;
     // SAFETY: writes one int; callable before cuInit.
-    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }.result().ok()?;
-    u32::try_from(version / 1000).ok()
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| Error::Cuda(format!("cuDriverGetVersion: {:?}", e.0)))?;
+    let version = u32::try_from(version).unwrap_or(0);
+    Ok((version / 1000, version % 1000 / 10))
+}
+
+/// The CUDA versions in play, for reports: what the driver supports, and the NVRTC that compiles
+/// the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Versions {
+    /// The newest CUDA (major, minor) the driver supports.
+    pub driver: (u32, u32),
+    /// The loaded NVRTC's (major, minor).
+    pub nvrtc: (u32, u32),
+}
+
+/// The driver's and NVRTC's versions; an error when either library cannot be loaded.
+pub fn versions() -> Result<Versions> {
+    Ok(Versions { driver: driver_version()?, nvrtc: nvrtc_version()? })
 }
 
 /// The loaded NVRTC's (major, minor) version.

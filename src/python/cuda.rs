@@ -878,3 +878,17 @@ pub(crate) fn backward<'py, T: Float>(
     after_call(&mut state, &device, stream, &dx, vec![x.owner, dy.owner])?;
     Ok(dx)
 }
+
+/// cuda_versions(): {"driver": "13.0", "nvrtc": "13.0"}, the newest CUDA the driver supports and
+/// the NVRTC that compiles the kernels; RuntimeError when either cannot be loaded.
+#[pyfunction]
+pub(crate) fn cuda_versions(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    // NVRTC may come from pip's nvidia-cuda-nvrtc wheel, somewhere on sys.path.
+    let roots: Vec<std::path::PathBuf> = py.import("sys")?.getattr("path")?.extract()?;
+    cuda::library::add_search_roots(roots);
+    let versions = cuda::library::versions()?;
+    let report = PyDict::new(py);
+    report.set_item("driver", format!("{}.{}", versions.driver.0, versions.driver.1))?;
+    report.set_item("nvrtc", format!("{}.{}", versions.nvrtc.0, versions.nvrtc.1))?;
+    Ok(report)
+}

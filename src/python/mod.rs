@@ -1621,6 +1621,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda::cuda_versions, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("ShapeError", shape_error(m.py())?)?;
     Ok(())

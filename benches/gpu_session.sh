@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Everything the GPU issue checks, in one call on a lent GPU machine (about 6 minutes), run from the
+# repository root there. Prepare here first (no GPU needed):
+#   maturin build --release -o .gpu && cargo test --release --features cuda --test cuda --no-run
+#   cp "$(ls -t target/release/deps/cuda-* | grep -v '\.d$' | head -1)" .gpu/cuda-tests
+# then run `bash benches/gpu_session.sh` there with .gpu carried. Logs and the benchmark's JSON go
+# under $OUT. Every step has its own time limit, so one hang costs only its own share.
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 BATCHNORM_REQUIRE_GPU=1 PYTHONDONTWRITEBYTECODE=1
+step() { echo; echo "=== $* ($(date +%T))"; }
+summary=()
+record() { summary+=("$1: rc $2"); }
+
+step versions
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+
+step install
+python3 -m pip install -q --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+python3 -c "import batchnorm; print('batchnorm', batchnorm.__version__, batchnorm.cuda_versions())"
+
+step "resource usage (nvcc, sm_90)"
+timeout 60 nvcc -arch=sm_90 -std=c++17 -cubin --resource-usage -o /tmp/kernels.cubin src/cuda/kernels.cu 2>&1 \
+  | grep -E "Function properties|registers|spill|Compiling entry" | paste - - - | sed 's/ptxas info    : //g' > "$OUT/resources.txt"
+grep -E "statistics_f32x4|normalize_f32x4|gradient_sums_f32x4|input_gradient_f32x4" -A0 "$OUT/resources.txt" | cut -c1-300
+
+step "rust GPU tests"
+timeout 120 .gpu/cuda-tests --test-threads 1 --nocapture > "$OUT/rust.log" 2>&1
+rc=$?; record rust $rc; tail -25 "$OUT/rust.log"
+
+step "pytest (GPU suites)"
+timeout 200 python3 -m pytest -q -rfEs -p no:cacheprovider --timeout 60 \
+  tests/test_cuda.py tests/test_bad_input.py > "$OUT/pytest.log" 2>&1
+rc=$?; record pytest $rc; grep -E "passed|failed|error|SKIP|FAIL|Error" "$OUT/pytest.log" | tail -40
+
+step "compute-sanitizer memcheck (every kernel variant)"
+timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+  .gpu/cuda-tests --test-threads 1 gpu_every_kernel_variant > "$OUT/memcheck.log" 2>&1
+rc=$?; record memcheck $rc; tail -12 "$OUT/memcheck.log"
+for tool in racecheck synccheck initcheck; do
+  step "compute-sanitizer $tool (smallest shapes)"
+  timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+    .gpu/cuda-tests --test-threads 1 gpu_smallest_shapes > "$OUT/$tool.log" 2>&1
+  rc=$?; record "$tool" $rc; tail -8 "$OUT/$tool.log"
+done
+
+step "benchmark"
+timeout "${BENCH_LIMIT:-170}" python3 -m batchnorm.bench_cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1
+rc=$?; record bench $rc; tail -60 "$OUT/bench.log"
+
+step summary
+printf '%s\n' "${summary[@]}"
