@@ -47,6 +47,17 @@ for tool in racecheck synccheck initcheck; do
   rc=$?; record "$tool" $rc; tail -8 "$OUT/$tool.log"
 done
 
+step "where the time goes (device and host per call)"
+timeout 90 python3 benches/gpu_diagnose.py > "$OUT/diagnose.log" 2>&1
+rc=$?; record diagnose $rc; cat "$OUT/diagnose.log"
+
+step "ncu per kernel (caches as the calls leave them)"
+timeout 120 ncu --clock-control none --cache-control none -k regex:"statistics|normalize|gradient_sums|input_gradient" \
+  --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+  python3 benches/gpu_diagnose.py --ncu-target > "$OUT/ncu.log" 2>&1
+rc=$?; record ncu $rc
+grep -E "^  [a-z_0-9]+\(|gpu__time|dram__bytes" "$OUT/ncu.log" | sed -E 's/\(ForwardArgs\)|\(BackwardArgs\)//; s/ +/ /g' | paste - - - - | cut -c1-160
+
 step "benchmark"
 timeout "${BENCH_LIMIT:-170}" python3 -m batchnorm.bench_cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1
 rc=$?; record bench $rc; tail -60 "$OUT/bench.log"

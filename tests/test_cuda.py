@@ -450,3 +450,46 @@ def test_a_gpu_module_saves_a_state_file_that_loads_on_the_cpu(rng, tmp_path):
     np.testing.assert_allclose(loaded.running_var, ref.running_var, **tol(np.float32))
     np.testing.assert_array_equal(loaded.weight, ref.weight.astype(np.float32))
     assert loaded.num_batches_tracked == 1
+
+
+@needs_gpu
+@needs_torch
+def test_without_stream_work_goes_to_torchs_current_stream(rng):
+    m, ref = pair(8, np.float32)
+    m.to("cuda")
+    x = rng.standard_normal((32, 8, 64, 64)).astype(np.float32)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x_gpu = on_gpu(x)
+        y = torch.empty_like(x_gpu)
+        m(x_gpu, out=y)
+        assert m.running_mean.__cuda_array_interface__["stream"] == stream.cuda_stream
+        doubled = y * 2  # torch's next op on the same stream, with no synchronization in between
+    stream.synchronize()
+    np.testing.assert_allclose(doubled.cpu().numpy(), 2 * ref.forward(x), **tol(np.float32))
+
+
+@needs_gpu
+@needs_torch
+def test_an_out_array_is_ready_for_torchs_stream_after_work_on_another(rng):
+    m, ref = pair(8, np.float32)
+    m.to("cuda")
+    x = rng.standard_normal((32, 8, 64, 64)).astype(np.float32)
+    ours = torch.cuda.Stream()
+    x_gpu = on_gpu(x)
+    torch.cuda.synchronize()
+    y = torch.empty_like(x_gpu)
+    m(x_gpu, out=y, stream=ours)  # torch's current stream (the default) must wait for it
+    doubled = y * 2
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(doubled.cpu().numpy(), 2 * ref.forward(x), **tol(np.float32))
+
+
+@needs_gpu
+@needs_torch
+def test_tensors_that_require_grad_are_read_in_place(rng):
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    x = on_gpu(rng.standard_normal((2, 3, 4, 4)).astype(np.float32)).requires_grad_()
+    y = m(x)
+    expected = torch.nn.functional.batch_norm(x.detach(), None, None, training=True)
+    np.testing.assert_allclose(host(torch.from_dlpack(y)), host(expected), rtol=1e-5, atol=1e-5)

@@ -2,11 +2,13 @@
 
 Run `python -m batchnorm.bench_cuda [--json PATH] [--quick]` on a machine with a GPU, PyTorch (CUDA) and
 the batchnorm wheel; `--table PATH` prints the Markdown tables of a saved run. Rounds are interleaved:
-each round times every case once, as CALLS back-to-back calls between two CUDA events (so launch
-gaps overlap with the GPU's work, as in a training step), rotating among input sets larger than L2
-together; a case's time is the median over rounds, per call. Bandwidth is counted against each
-operation's floor: one read of every input and one write of every output (train and eval: x, y;
-backward: x, dy, dx), and compared with the copy's (read + write), timed the same way.
+each round times every case once, as CALLS back-to-back calls between two CUDA events, rotating
+among input sets larger than L2 together; a case's time is the median over rounds, per call. Two
+times per case: a call's time as a Python loop sees it ("call": the GPU idles while the host is
+slower than the kernels, as it is for small tensors), and the device's time ("device": the calls
+are queued behind a sleeping kernel first, so the host's cost is hidden). Bandwidth is the device
+time against each operation's floor: one read of every input and one write of every output (train
+and eval: x, y; backward: x, dy, dx), compared with the copy's (read + write), timed the same way.
 """
 
 import argparse
@@ -38,6 +40,7 @@ RESNET50 = [
     ]
 ]
 ROUNDS, CALLS, WARMUP = 15, 10, 3
+SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: longer than the host takes to queue CALLS calls
 L2_MULTIPLE = 4  # input sets together this many times the L2, so no call finds its input cached
 
 # Per case: which columns of the table it belongs to, and how many tensor-sized transfers its
@@ -45,8 +48,9 @@ L2_MULTIPLE = 4  # input sets together this many times the L2, so no call finds 
 FLOOR_TRANSFERS = {"copy": 2, "train": 2, "eval": 2, "backward": 3, "train+backward": 5}
 
 
-def median_ms_per_call(torch, rows, inputs):
-    """Interleaved rounds over every row; the median time per call of each row, in ms."""
+def median_ms_per_call(torch, rows, inputs, queued):
+    """Interleaved rounds over every row; the median time per call of each row, in ms. `queued`:
+    each row's calls wait behind a sleeping kernel, so the time is the device's alone."""
     for call in rows.values():
         for i in range(WARMUP):
             call(*inputs[i % len(inputs)])
@@ -57,6 +61,9 @@ def median_ms_per_call(torch, rows, inputs):
         events = {}
         for name, call in rows.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if queued:
+                torch.cuda.synchronize()
+                torch.cuda._sleep(SLEEP_CYCLES)
             start.record()
             for _ in range(CALLS):
                 call(*inputs[position % len(inputs)])
@@ -125,13 +132,17 @@ def measure(torch, shape, channels_last=False):
     ]
     rows = rows_for(torch, shape, channels_last)
     calls = {name: call for name, (_, call) in rows.items()}
-    results = median_ms_per_call(torch, calls, inputs)
-    with torch.backends.cudnn.flags(enabled=False):
-        plain = {f"{name} (no cuDNN)": calls[name] for name in calls if name.startswith("torch")}
-        results.update(median_ms_per_call(torch, plain, inputs))
     operations = {name: operation for name, (operation, _) in rows.items()}
     operations.update({f"{name} (no cuDNN)": operations[name] for name in calls if name.startswith("torch")})
-    return {name: {"ms": ms, "operation": operations[name]} for name, ms in results.items()}
+    results = {name: {"operation": operation} for name, operation in operations.items()}
+    for key, queued in (("ms", False), ("device_ms", True)):
+        for name, ms in median_ms_per_call(torch, calls, inputs, queued).items():
+            results[name][key] = ms
+        with torch.backends.cudnn.flags(enabled=False):
+            plain = {f"{name} (no cuDNN)": calls[name] for name in calls if name.startswith("torch")}
+            for name, ms in median_ms_per_call(torch, plain, inputs, queued).items():
+                results[name][key] = ms
+    return results
 
 
 def l2_bytes(torch):
@@ -165,41 +176,46 @@ def environment(torch):
 
 
 def rate(shape, entry, copy_ms):
-    """GB/s over the operation's floor, and that as a fraction of the copy's rate."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    floor = FLOOR_TRANSFERS[entry["operation"]] * 4 * numel
-    copy_rate = 2 * 4 * numel / copy_ms / 1e6
-    achieved = floor / entry["ms"] / 1e6
+    """GB/s over the operation's floor in device time, and that as a fraction of the copy's."""
+    floor = FLOOR_TRANSFERS[entry["operation"]] * 4 * _numel(shape)
+    copy_rate = 2 * 4 * _numel(shape) / copy_ms / 1e6
+    achieved = floor / entry["device_ms"] / 1e6
     return achieved, achieved / copy_rate
 
 
 def tables(report):
-    """Markdown: per shape and layout, each case's time, bandwidth and share of the copy's."""
+    """Markdown: per shape and layout, each case's times, bandwidth, share of the copy's, and
+    PyTorch's (cuDNN) time over ours."""
     env = report["environment"]
     lines = [
         f"{env['device']} ({env['multiprocessors']} SMs), driver {env['driver']}, CUDA {env['cuda']}, "
         f"torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); float32; median of "
-        f"{env['rounds']} interleaved rounds of {env['calls_per_round']} calls; "
-        "'of copy' = bandwidth over the operation's floor / the D2D copy's bandwidth.",
+        f"{env['rounds']} interleaved rounds of {env['calls_per_round']} calls. 'call': a Python loop's time "
+        "per call; 'device': the GPU's alone; 'of copy': bandwidth over the operation's floor (device time) "
+        "over the D2D copy's; 'torch / ours': PyTorch's (cuDNN) time over ours, per call and device.",
         "",
     ]
     for key, results in report["shapes"].items():
         shape = tuple(results["shape"])
-        copy_ms = results["cases"]["copy"]["ms"]
-        lines += [f"**{key}** (copy {copy_ms * 1e3:.1f} µs, {2 * 4 * _numel(shape) / copy_ms / 1e6:.0f} GB/s)", ""]
-        lines += ["| case | µs | GB/s | of copy | torch (cuDNN) / batchnorm |", "|---|---:|---:|---:|---:|"]
+        copy = results["cases"]["copy"]
+        rate_copy = 2 * 4 * _numel(shape) / copy["device_ms"] / 1e6
+        lines += [f"**{key}** (copy {copy['device_ms'] * 1e3:.1f} µs on the device, {rate_copy:.0f} GB/s)", ""]
+        lines += [
+            "| case | call µs | device µs | GB/s | of copy | torch / ours (call) | torch / ours (device) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, entry in results["cases"].items():
             if name == "copy":
                 continue
-            achieved, share = rate(shape, entry, copy_ms)
-            speedup = ""
-            if name.startswith("batchnorm"):
-                theirs = results["cases"].get("torch " + name.removeprefix("batchnorm "))
-                if theirs:
-                    speedup = f"{theirs['ms'] / entry['ms']:.2f}×"
-            lines.append(f"| {name} | {entry['ms'] * 1e3:.1f} | {achieved:.0f} | {share:.0%} | {speedup} |")
+            achieved, share = rate(shape, entry, copy["device_ms"])
+            speedups = ["", ""]
+            theirs = results["cases"].get("torch " + name.removeprefix("batchnorm "))
+            if name.startswith("batchnorm") and theirs:
+                speedups = [f"{theirs[k] / entry[k]:.2f}×" for k in ("ms", "device_ms")]
+            lines.append(
+                f"| {name} | {entry['ms'] * 1e3:.1f} | {entry['device_ms'] * 1e3:.1f} | {achieved:.0f} | "
+                f"{share:.0%} | {speedups[0]} | {speedups[1]} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

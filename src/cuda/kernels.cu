@@ -16,6 +16,9 @@ typedef unsigned long long u64;
 
 #define THREADS 256  // every launch's block size; src/cuda/launch.rs says the same
 #define UNROLL 4     // independent loads each thread has in flight
+// Blocks of a reduction pass resident on each multiprocessor (so at most 64 registers a thread):
+// launch.rs sizes the grid to one wave of them.
+#define REDUCTION_BLOCKS_PER_MULTIPROCESSOR 4
 
 // Kernel arguments, one struct per direction; the Rust twins are in src/cuda/launch.rs and every
 // field is 8 bytes wide so both sides agree on the layout.
@@ -23,6 +26,9 @@ struct ForwardArgs {
     const void* x;
     void* y;
     u64 images, channels, plane;  // N, C, H*W
+    // Constants that divide by the plane's packs (in the reductions' and the element-wise passes'
+    // widths) and by C with a multiply and a shift (see `divide`); from Divisor in launch.rs.
+    u64 reduction_plane_divisor, plane_divisor, channel_divisor;
     u64 splits;                   // blocks per channel in the statistics pass
     void* partials;               // Moments[C * splits]
     unsigned* arrivals;           // [C], zero between calls
@@ -42,6 +48,7 @@ struct BackwardArgs {
     const void* dy;
     void* dx;
     u64 images, channels, plane;
+    u64 reduction_plane_divisor, plane_divisor, channel_divisor;  // as in ForwardArgs
     u64 splits;
     void* partials;       // Sums[C * splits]
     unsigned* arrivals;   // [C], zero between calls
@@ -54,6 +61,19 @@ struct BackwardArgs {
     u64 from_batch;       // the forward used the batch's statistics, so gradients flow through them
     u64 accumulate;       // add into grad_weight / grad_bias instead of overwriting them
 };
+
+// n / d for the 32-bit indices (n < 2^31) as a multiply and a shift (Granlund and Montgomery): a
+// hardware division is some twenty instructions, and the passes divide once per pack. `magic`
+// holds the multiplier (low 32 bits; 0 when d is 1) and the shift; 64-bit indices divide plainly.
+template <typename Index>
+__device__ __forceinline__ Index divide(Index n, Index d, u64 magic) {
+    if constexpr (sizeof(Index) == 4) {
+        const unsigned multiplier = static_cast<unsigned>(magic);
+        return multiplier ? __umulhi(n, multiplier) >> static_cast<unsigned>(magic >> 32) : n;
+    } else {
+        return n / d;
+    }
+}
 
 template <typename T, int W>
 struct __align__(sizeof(T) * W) Pack {
@@ -179,8 +199,9 @@ struct ChannelWalk {
     const T* base;  // first value of channel c in image 0
     Index plane_packs;
     u64 image_stride;  // C * HW values
+    u64 plane_divisor;  // divides by plane_packs (see `divide`)
     __device__ __forceinline__ Pack<T, W> load(Index k) const {
-        Index image = k / plane_packs;
+        Index image = divide<Index>(k, plane_packs, plane_divisor);
         Index at = k - image * plane_packs;
         if constexpr (ALIGNED) {
             return reinterpret_cast<const Pack<T, W>*>(base + image * image_stride)[at];
@@ -191,6 +212,12 @@ struct ChannelWalk {
             for (int e = 0; e < W; e++) pack.v[e] = values[e];
             return pack;
         }
+    }
+    // The packs first, first + THREADS, ... of a thread's next step, those before `end`.
+    __device__ __forceinline__ void load_step(Pack<T, W> (&packs)[UNROLL], Index first, Index end) const {
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+            if (first + u * THREADS < end) packs[u] = load(first + u * THREADS);
     }
 };
 
@@ -208,14 +235,18 @@ __device__ void statistics(const ForwardArgs& a) {
     const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
     const Index begin = range.begin, end = range.end;
     const ChannelWalk<T, W, Index, ALIGNED> walk{static_cast<const T*>(a.x) + c * a.plane,
-                                                 static_cast<Index>(a.plane / W), a.channels * a.plane};
+                                                 static_cast<Index>(a.plane / W), a.channels * a.plane,
+                                                 a.reduction_plane_divisor};
+    // Each step's loads are issued before the previous step's values are summed, and the first
+    // step's before the shift is read: no thread waits for memory with nothing in flight.
+    Index first = begin + threadIdx.x;
+    Pack<T, W> packs[UNROLL];
+    walk.load_step(packs, first, end);
     const double shift = static_cast<double>(walk.base[0]);
     double n = 0.0, s1 = 0.0, s2 = 0.0;
-    for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
-        Pack<T, W> packs[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++)
-            if (first + u * THREADS < end) packs[u] = walk.load(first + u * THREADS);
+    for (; first < end; first += THREADS * UNROLL) {
+        Pack<T, W> next[UNROLL];
+        walk.load_step(next, first + THREADS * UNROLL, end);
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             if (first + u * THREADS < end) {
@@ -228,6 +259,8 @@ __device__ void statistics(const ForwardArgs& a) {
                 n += W;
             }
         }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) packs[u] = next[u];
     }
     // Clamp rounding below zero, but keep NaN (fmax would drop it): NaN input reaches the statistics.
     const double m2 = s2 - s1 * (s1 / n);
@@ -271,6 +304,14 @@ __device__ void eval_coefficients(const ForwardArgs& a) {
     const T shift_out = a.bias ? static_cast<const T*>(a.bias)[c] : T(0);
     static_cast<Affine<T>*>(a.coefficients)[c] =
         Affine<T>{hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(scale), shift_out};
+}
+
+// The channel of pack i of the flat (N, C, HW / W) tensor: (i / plane_packs) % C.
+template <typename Index, typename Args>
+__device__ __forceinline__ Index channel_of(Index i, Index plane_packs, const Args& a) {
+    const Index plane = divide<Index>(i, plane_packs, a.plane_divisor);
+    const Index channels = static_cast<Index>(a.channels);
+    return plane - divide<Index>(plane, channels, a.channel_divisor) * channels;
 }
 
 // Loads that are the value's last use: evict-first, so they leave L2 to data still to be read.
@@ -320,7 +361,7 @@ __device__ void normalize(const ForwardArgs& a) {
     for (int u = 0; u < UNROLL; u++) {
         const Index i = first + u * THREADS;
         if (i < total) {
-            const Affine<T> k = coefficients[(i / plane_packs) % static_cast<Index>(a.channels)];
+            const Affine<T> k = coefficients[channel_of(i, plane_packs, a)];
             P out;
 #pragma unroll
             for (int e = 0; e < W; e++) out.v[e] = ((packs[u].v[e] - k.mean_hi) - k.mean_lo) * k.scale + k.shift;
@@ -338,20 +379,17 @@ __device__ void gradient_sums(const BackwardArgs& a) {
     const Index begin = range.begin, end = range.end;
     const Index plane_packs = static_cast<Index>(a.plane / W);
     const ChannelWalk<T, W, Index, ALIGNED> xs{static_cast<const T*>(a.x) + c * a.plane, plane_packs,
-                                               a.channels * a.plane};
+                                               a.channels * a.plane, a.reduction_plane_divisor};
     const ChannelWalk<T, W, Index, ALIGNED> dys{static_cast<const T*>(a.dy) + c * a.plane, plane_packs,
-                                                a.channels * a.plane};
+                                                a.channels * a.plane, a.reduction_plane_divisor};
     const double mean = a.saved_mean[c];
     Sums own{0.0, 0.0};
+    // Two arrays' loads in flight already; loading a step ahead as `statistics` does would need
+    // more registers than four resident blocks leave.
     for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
         Pack<T, W> x_packs[UNROLL], dy_packs[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            if (first + u * THREADS < end) {
-                x_packs[u] = xs.load(first + u * THREADS);
-                dy_packs[u] = dys.load(first + u * THREADS);
-            }
-        }
+        xs.load_step(x_packs, first, end);
+        dys.load_step(dy_packs, first, end);
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             if (first + u * THREADS < end) {
@@ -418,7 +456,7 @@ __device__ void input_gradient(const BackwardArgs& a) {
     for (int u = 0; u < UNROLL; u++) {
         const Index i = first + u * THREADS;
         if (i < total) {
-            const GradAffine<T> k = coefficients[(i / plane_packs) % static_cast<Index>(a.channels)];
+            const GradAffine<T> k = coefficients[channel_of(i, plane_packs, a)];
             P out;
 #pragma unroll
             for (int e = 0; e < W; e++)
@@ -428,19 +466,22 @@ __device__ void input_gradient(const BackwardArgs& a) {
     }
 }
 
-// 32-bit index arithmetic (a third of the instructions of 64-bit division) whenever the tensor allows.
+// 32-bit index arithmetic whenever the tensor allows: below 2^31, where `divide` is exact. The
+// margins cover the indices a thread forms past its last pack (a step ahead, in the reductions).
 #define INDEXED(body, wide_count, T, W) \
-    if ((wide_count) <= 0xffffffffull) body<T, W, unsigned>(a); else body<T, W, u64>(a);
+    if ((wide_count) <= 0x7fffffffull) body<T, W, unsigned>(a); else body<T, W, u64>(a);
 #define REDUCTION_INDEXED(body, wide_count, T, W, ALIGNED) \
-    if ((wide_count) <= 0xffffffffull) body<T, W, unsigned, ALIGNED>(a); else body<T, W, u64, ALIGNED>(a);
+    if ((wide_count) <= 0x7fffffffull) body<T, W, unsigned, ALIGNED>(a); else body<T, W, u64, ALIGNED>(a);
 
 // The reductions of width W, for pointers that are (SUFFIX) and are not (SUFFIX##u) 16-byte aligned.
 #define REDUCTIONS(T, W, SUFFIX, ALIGNED)                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) statistics_##SUFFIX(ForwardArgs a) {            \
-        REDUCTION_INDEXED(statistics, a.images * (a.plane / W) + THREADS * UNROLL, T, W, ALIGNED)          \
+    extern "C" __global__ void __launch_bounds__(THREADS, REDUCTION_BLOCKS_PER_MULTIPROCESSOR)                \
+        statistics_##SUFFIX(ForwardArgs a) {                                                               \
+        REDUCTION_INDEXED(statistics, a.images * (a.plane / W) + 2 * THREADS * UNROLL, T, W, ALIGNED)          \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) gradient_sums_##SUFFIX(BackwardArgs a) {        \
-        REDUCTION_INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * UNROLL, T, W, ALIGNED)       \
+    extern "C" __global__ void __launch_bounds__(THREADS, REDUCTION_BLOCKS_PER_MULTIPROCESSOR)                \
+        gradient_sums_##SUFFIX(BackwardArgs a) {                                                           \
+        REDUCTION_INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * UNROLL, T, W, ALIGNED)         \
     }
 
 #define ELEMENTWISE(T, W, SUFFIX)                                                                          \

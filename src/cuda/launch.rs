@@ -13,8 +13,10 @@ use crate::shape::Shape;
 /// `THREADS` and `UNROLL` of kernels.cu.
 const THREADS: u32 = 256;
 const UNROLL: u64 = 4;
-/// Blocks per multiprocessor the reduction passes aim for: enough to hide memory latency.
-const BLOCKS_PER_MULTIPROCESSOR: u64 = 8;
+/// `REDUCTION_BLOCKS_PER_MULTIPROCESSOR` of kernels.cu: the reduction passes' blocks resident
+/// on one multiprocessor (their launch bounds), so that a grid of that many per multiprocessor
+/// runs in one wave, with no second partial wave at the end.
+const BLOCKS_PER_MULTIPROCESSOR: u64 = 4;
 /// A reduction block gets at least this many packs, so each thread loops at least twice.
 const MIN_PACKS_PER_BLOCK: u64 = 2 * THREADS as u64 * UNROLL;
 /// The size of the larger per-block partial of kernels.cu (`Moments`: three doubles).
@@ -31,6 +33,9 @@ pub(crate) struct ForwardArgs {
     pub images: u64,
     pub channels: u64,
     pub plane: u64,
+    pub reduction_plane_divisor: u64,
+    pub plane_divisor: u64,
+    pub channel_divisor: u64,
     pub splits: u64,
     pub partials: u64,
     pub arrivals: u64,
@@ -55,6 +60,9 @@ pub(crate) struct BackwardArgs {
     pub images: u64,
     pub channels: u64,
     pub plane: u64,
+    pub reduction_plane_divisor: u64,
+    pub plane_divisor: u64,
+    pub channel_divisor: u64,
     pub splits: u64,
     pub partials: u64,
     pub arrivals: u64,
@@ -147,11 +155,11 @@ impl Geometry {
         format!("{kernel}_{}x{}{unaligned}", dtype_suffix::<T>(), self.reduction_width)
     }
 
-    /// Blocks per channel for a reduction pass: enough blocks in all to fill the GPU, never
-    /// fewer than `MIN_PACKS_PER_BLOCK` packs each.
+    /// Blocks per channel for a reduction pass: as many as one wave of blocks allows (at least
+    /// one), never fewer than `MIN_PACKS_PER_BLOCK` packs each.
     pub(crate) fn splits(&self, device: &Device, workspace: &Workspace) -> u64 {
         let packs = self.images * (self.plane / self.reduction_width);
-        let wanted = reduction_target(device).div_ceil(self.channels);
+        let wanted = reduction_target(device) / self.channels;
         let affordable = (packs / MIN_PACKS_PER_BLOCK).max(1);
         wanted.min(affordable).min(u64::from(u16::MAX)).min(workspace.max_splits_total / self.channels).max(1)
     }
@@ -171,6 +179,9 @@ impl Geometry {
             images: self.images,
             channels: self.channels,
             plane: self.plane,
+            reduction_plane_divisor: divisor(self.plane / self.reduction_width),
+            plane_divisor: divisor(self.plane / self.width),
+            channel_divisor: divisor(self.channels),
             partials: workspace.partials.ptr(),
             arrivals: workspace.arrivals.ptr(),
             coefficients: workspace.coefficients.ptr(),
@@ -185,6 +196,9 @@ impl Geometry {
             images: self.images,
             channels: self.channels,
             plane: self.plane,
+            reduction_plane_divisor: divisor(self.plane / self.reduction_width),
+            plane_divisor: divisor(self.plane / self.width),
+            channel_divisor: divisor(self.channels),
             partials: workspace.partials.ptr(),
             arrivals: workspace.arrivals.ptr(),
             coefficients: workspace.coefficients.ptr(),
@@ -193,6 +207,20 @@ impl Geometry {
             ..BackwardArgs::default()
         }
     }
+}
+
+/// The constants with which kernels.cu's `divide` divides a 32-bit index `n < 2³¹` by `d`:
+/// `n / d == umulhi(n, multiplier) >> shift` for `shift = ⌈log2 d⌉ − 1` and `multiplier =
+/// ⌈2^(32 + shift) / d⌉` (< 2³² for `d < 2³¹`), packed as `multiplier | shift << 32`; 0 for
+/// `d ≤ 1`, which divides by one. Larger `d` only occur with 64-bit indices, which divide plainly.
+pub(crate) fn divisor(d: u64) -> u64 {
+    if d <= 1 || d >= 1 << 31 {
+        return 0;
+    }
+    let shift = u64::from(64 - (d - 1).leading_zeros()) - 1;
+    let multiplier = (1u128 << (32 + shift)).div_ceil(u128::from(d));
+    // Below 2³² for every d in range (see above), so the cast keeps it whole.
+    multiplier as u64 | shift << 32
 }
 
 pub(crate) fn dtype_suffix<T: Element>() -> &'static str {
@@ -227,5 +255,40 @@ pub(crate) unsafe fn launch<A: DeviceRepr>(
             builder.launch(config).map(drop).map_err(|e| driver_error(&format!("launching {name}"), e))
         }
         Backend::Emulator(emulator) => emulator.launch(name, grid, THREADS, (args as *const A).cast()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::divisor;
+
+    /// kernels.cu's `divide`, on the host.
+    fn divide(n: u32, d: u32) -> u32 {
+        let magic = divisor(u64::from(d));
+        let multiplier = magic as u32;
+        if multiplier == 0 {
+            return n;
+        }
+        ((u64::from(n) * u64::from(multiplier)) >> 32) as u32 >> (magic >> 32)
+    }
+
+    #[test]
+    fn division_by_multiply_and_shift_is_exact_below_two_to_the_31() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut random = |below: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % below
+        };
+        let mut divisors: Vec<u64> = (1..3000).chain([1 << 30, (1 << 30) + 1, (1 << 31) - 1, 3 << 29]).collect();
+        divisors.extend((0..3000).map(|_| 1 + random((1 << 31) - 1)));
+        for d in divisors {
+            let edges = [0, 1, d - 1, d, d + 1, 2 * d - 1, (1 << 31) - 1, (1 << 31) - 2];
+            let samples = (0..40).map(|_| random(1 << 31));
+            for n in edges.into_iter().chain(samples).filter(|&n| n < 1 << 31) {
+                assert_eq!(u64::from(divide(n as u32, d as u32)), n / d, "{n} / {d}");
+            }
+        }
     }
 }

@@ -36,8 +36,9 @@ pub struct CudaBatchNorm2d<T: Element> {
     /// the views handed out of each array ([`Self::buffer_owner`]), which may outlive the layer.
     buffers: [Option<Arc<DeviceBuffer<T>>>; 6],
     workspace: Workspace,
-    /// The end of the last work queued on this layer's state, and the stream it went to.
-    last_work: Option<(Event, Stream)>,
+    /// The end of the last work queued on this layer's state, and the stream it went to. Shared
+    /// with the bindings, which order a call's arrays after the same event (one per call).
+    last_work: Option<(Arc<Event>, Stream)>,
     forwarded: Option<Forwarded>,
 }
 
@@ -114,6 +115,11 @@ impl<T: Element> CudaBatchNorm2d<T> {
         self.last_work.as_ref().map_or(Stream::DEFAULT, |(_, stream)| *stream)
     }
 
+    /// The end of the last work queued on the layer (by the last forward or backward), if any.
+    pub fn last_event(&self) -> Option<Arc<Event>> {
+        self.last_work.as_ref().map(|(event, _)| event.clone())
+    }
+
     /// Waits until all work queued on the layer's state has finished (and reports a fault in it).
     pub fn synchronize(&self) -> Result<()> {
         match &self.last_work {
@@ -186,7 +192,7 @@ impl<T: Element> CudaBatchNorm2d<T> {
     }
 
     fn finish(&mut self, stream: Stream) -> Result<()> {
-        self.last_work = Some((Event::record(&self.device, stream)?, stream));
+        self.last_work = Some((Arc::new(Event::record(&self.device, stream)?), stream));
         Ok(())
     }
 

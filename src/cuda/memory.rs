@@ -71,7 +71,7 @@ pub struct DeviceBuffer<T> {
     pooled: bool,
     /// The end of the last work that wrote it (see [`Self::written_by`]): a pooled buffer goes
     /// back to the pool only after it.
-    last_write: Mutex<Option<Event>>,
+    last_write: Mutex<Option<Arc<Event>>>,
     element: PhantomData<T>,
 }
 
@@ -324,7 +324,7 @@ impl<T> DeviceBuffer<T> {
     /// legacy default stream's order; that stream then waits for `event` first, so an array
     /// written on another stream and dropped early is never reallocated under its kernels. The
     /// event, not the writer's stream, is what the free waits on: the stream may be gone by then.
-    pub fn written_by(&self, event: Event) {
+    pub fn written_by(&self, event: Arc<Event>) {
         *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(event);
     }
 }

@@ -58,10 +58,10 @@ struct DLManagedTensor {
     deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
 }
 
-/// The stream a call runs on: `None` is the legacy default stream; otherwise a raw handle
+/// The stream a call asks for (`None` when it names none; see `default_stream`): a raw handle
 /// (an int) or an object with `.cuda_stream` (PyTorch) or `.ptr` (CuPy).
-pub(crate) fn parse_stream(value: Option<&Bound<'_, PyAny>>) -> PyResult<Stream> {
-    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(Stream::DEFAULT) };
+pub(crate) fn parse_stream(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Stream>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
     let handle = if let Ok(handle) = value.extract::<u64>() {
         handle
     } else if let Ok(attribute) = value.getattr("cuda_stream").or_else(|_| value.getattr("ptr")) {
@@ -73,7 +73,22 @@ pub(crate) fn parse_stream(value: Option<&Bound<'_, PyAny>>) -> PyResult<Stream>
         )));
     };
     // SAFETY: the caller vouches for its stream, as with every CUDA library taking raw handles.
-    Ok(unsafe { Stream::from_raw(handle) })
+    Ok(Some(unsafe { Stream::from_raw(handle) }))
+}
+
+/// The stream a call that names none runs on: PyTorch's current stream on the input's device
+/// for a torch.Tensor, as PyTorch's own operators do; else CUDA's legacy default stream.
+fn default_stream(input: &Bound<'_, PyAny>) -> PyResult<Stream> {
+    match TorchHooks::get(input.py()) {
+        Some(torch) if input.is_instance(torch.tensor.bind(input.py()))? => {
+            let device: i64 = input.call_method0("get_device")?.extract()?;
+            match u32::try_from(device) {
+                Ok(device) => torch.current_stream(input.py(), device),
+                Err(_) => Ok(Stream::DEFAULT), // a CPU tensor, refused by the import that follows
+            }
+        }
+        _ => Ok(Stream::DEFAULT),
+    }
 }
 
 /// The stream handle to hand to a DLPack producer or a CAI consumer: CUDA's legacy default
@@ -109,6 +124,10 @@ pub(crate) struct GpuArray {
     pub dtype: std::result::Result<Dtype, String>,
     pub device: usize,
     pub readonly: bool,
+    /// The stream its producer uses it on next, when known (PyTorch's current stream, the CUDA
+    /// array interface's stream): ordered after a call's work when that ran on another stream, so
+    /// the producer neither reads an output early nor overwrites an input still being read.
+    pub producer: Option<Stream>,
     pub owner: Py<PyAny>,
 }
 
@@ -168,15 +187,77 @@ fn layout_error(what: &str, shape: &[usize]) -> Error {
 /// Reads a GPU array through DLPack or the CUDA array interface, ordering `stream` after the
 /// producer's pending work on it.
 pub(crate) fn import(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
+    if let Some(torch) = TorchHooks::get(value.py()) {
+        if value.is_instance(torch.tensor.bind(value.py()))? {
+            return torch.import(value, what, stream);
+        }
+    }
     let dlpack_device = value.call_method0("__dlpack_device__").and_then(|d| d.extract::<(i32, i32)>()).ok();
     match dlpack_device {
         Some((KDL_CUDA, _)) => import_dlpack(value, what, stream),
         _ if value.hasattr("__cuda_array_interface__")? => import_interface(value, what, stream),
-        Some((device_type, _)) => Err(Error::InvalidArgument(format!(
-            "expected {what} in CUDA memory (DLPack device type {KDL_CUDA}), got DLPack device type {device_type}"
-        ))
-        .into()),
+        Some((device_type, _)) => Err(not_on_the_gpu(what, device_type).into()),
         None => Err(Error::NotAnArray { what: what.into(), got: type_name(value) }.into()),
+    }
+}
+
+fn not_on_the_gpu(what: &str, device_type: i32) -> Error {
+    Error::InvalidArgument(format!(
+        "expected {what} in CUDA memory (DLPack device type {KDL_CUDA}), got DLPack device type {device_type}"
+    ))
+}
+
+/// PyTorch's own C functions for what `Tensor.__dlpack__` does in Python, which costs some 15 µs
+/// a call (more than a small batch norm's kernels take): a tensor's capsule, without a stream
+/// handshake, and the raw handle of a device's current stream, to order our stream after it.
+/// Looked up once PyTorch has been imported (by someone else: we never import it).
+struct TorchHooks {
+    tensor: Py<pyo3::types::PyType>,
+    to_dlpack: Py<PyAny>,
+    current_stream: Py<PyAny>,
+}
+
+impl TorchHooks {
+    fn get(py: Python<'_>) -> Option<&'static TorchHooks> {
+        static HOOKS: pyo3::sync::PyOnceLock<Option<TorchHooks>> = pyo3::sync::PyOnceLock::new();
+        if let Some(hooks) = HOOKS.get(py) {
+            return hooks.as_ref();
+        }
+        let modules = py.import("sys").and_then(|sys| sys.getattr("modules")).ok()?;
+        let torch = modules.get_item("torch").ok()?;
+        let hooks = || -> PyResult<TorchHooks> {
+            let c = torch.getattr("_C")?;
+            Ok(TorchHooks {
+                tensor: torch.getattr("Tensor")?.cast_into()?.unbind(),
+                to_dlpack: c.getattr("_to_dlpack")?.unbind(),
+                current_stream: c.getattr("_cuda_getCurrentRawStream")?.unbind(),
+            })
+        };
+        // A PyTorch without these (none we know of) keeps the generic path.
+        HOOKS.get_or_init(py, || hooks().ok()).as_ref()
+    }
+
+    fn import(&self, tensor: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
+        let py = tensor.py();
+        let capsule = self.to_dlpack.bind(py).call1((tensor,))?;
+        let array = read_capsule(capsule, what)?;
+        if array.device_type != KDL_CUDA {
+            return Err(not_on_the_gpu(what, array.device_type).into());
+        }
+        let mut array = array.array;
+        let device = u32::try_from(array.device).map_err(|_| Error::Cuda(format!("device {}", array.device)))?;
+        let producer = self.current_stream(py, device)?;
+        if array.numel() > 0 && !same_stream(producer, stream) {
+            Event::record(&cuda::device(array.device)?, producer)?.order_before(stream)?;
+        }
+        array.producer = Some(producer);
+        Ok(array)
+    }
+
+    fn current_stream(&self, py: Python<'_>, device: u32) -> PyResult<Stream> {
+        let handle: u64 = self.current_stream.bind(py).call1((device,))?.extract()?;
+        // SAFETY: PyTorch's current stream on a device is a live stream there.
+        Ok(unsafe { Stream::from_raw(handle) })
     }
 }
 
@@ -193,10 +274,21 @@ fn dtype_of(code: u8, bits: u8, lanes: u16) -> std::result::Result<Dtype, String
 }
 
 fn import_dlpack(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
-    let py = value.py();
-    let kwargs = PyDict::new(py);
+    let kwargs = PyDict::new(value.py());
     kwargs.set_item("stream", protocol_stream(stream))?;
     let capsule = value.call_method("__dlpack__", (), Some(&kwargs))?;
+    Ok(read_capsule(capsule, what)?.array)
+}
+
+/// What a DLPack capsule holds, with the DLPack device type it is in.
+struct Capsule {
+    array: GpuArray,
+    device_type: i32,
+}
+
+/// The array a DLPack capsule (named "dltensor") describes; the capsule becomes its owner.
+fn read_capsule(capsule: Bound<'_, PyAny>, what: &str) -> PyResult<Capsule> {
+    let py = capsule.py();
     // SAFETY: a capsule named "dltensor" holds a DLManagedTensor (DLPack's contract), alive until
     // the capsule's destructor runs, which `owner` below postpones.
     let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR.as_ptr()) } as *const DLManagedTensor;
@@ -218,14 +310,16 @@ fn import_dlpack(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResu
             return Err(layout_error(what, &shape).into());
         }
     }
-    Ok(GpuArray {
+    let array = GpuArray {
         ptr: tensor.data as u64 + tensor.byte_offset,
         dtype: dtype_of(tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes),
         device: tensor.device.device_id.max(0) as usize,
         readonly: false,
+        producer: None,
         shape,
         owner: capsule.unbind(),
-    })
+    };
+    Ok(Capsule { array, device_type: tensor.device.device_type })
 }
 
 fn import_interface(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyResult<GpuArray> {
@@ -257,14 +351,14 @@ fn import_interface(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyR
     let numel: usize = shape.iter().product();
     let device = if numel > 0 { cuda::device_of_pointer(ptr)? } else { 0 };
     // The producer's stream, when it names one, must finish its work on the array first.
-    if let Some(producer) = interface.get_item("stream")?.filter(|s| !s.is_none()) {
-        let producer = parse_stream(Some(&producer))?;
-        if !same_stream(producer, stream) && numel > 0 {
-            let device = cuda::device(device)?;
-            Event::record(&device, producer)?.order_before(stream)?;
-        }
+    let producer = match interface.get_item("stream")?.filter(|s| !s.is_none()) {
+        Some(producer) => parse_stream(Some(&producer))?,
+        None => None,
+    };
+    if let Some(producer) = producer.filter(|&producer| !same_stream(producer, stream) && numel > 0) {
+        Event::record(&cuda::device(device)?, producer)?.order_before(stream)?;
     }
-    Ok(GpuArray { ptr, shape, dtype, device, readonly, owner: value.clone().unbind() })
+    Ok(GpuArray { ptr, shape, dtype, device, readonly, producer, owner: value.clone().unbind() })
 }
 
 /// DeviceArray: a C-contiguous float32 or float64 array in GPU memory, as batchnorm returns
@@ -292,11 +386,11 @@ enum Storage {
 }
 
 trait WrittenBy: Send + Sync {
-    fn written_by(&self, event: Event);
+    fn written_by(&self, event: Arc<Event>);
 }
 
 impl<T: Element> WrittenBy for DeviceBuffer<T> {
-    fn written_by(&self, event: Event) {
+    fn written_by(&self, event: Arc<Event>) {
         DeviceBuffer::written_by(self, event)
     }
 }
@@ -320,12 +414,11 @@ impl DeviceArray {
         })
     }
 
-    /// Records that the work queued on `stream` so far writes this array, for its buffer's free.
-    pub(crate) fn written_on(&self, stream: Stream) -> Result<()> {
+    /// Records that the work up to `event` writes this array, for its own buffer's free.
+    pub(crate) fn written_by(&self, event: Arc<Event>) {
         if let Storage::Own(buffer) = &self.storage {
-            buffer.written_by(Event::record(&self.device, stream)?);
+            buffer.written_by(event);
         }
-        Ok(())
     }
 
     /// An array over memory `owner` keeps alive (a module's parameter buffer).
@@ -694,7 +787,8 @@ pub(crate) fn host_array<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, 
     flat.call_method1("reshape", (array.shape.clone(),))
 }
 
-/// Where a GPU result goes: a fresh DeviceArray, or the caller's `out=` after checking it.
+/// Where a GPU result goes: a fresh DeviceArray, or the caller's `out=` after checking it; with
+/// the result's address and its producer's stream (see `GpuArray::producer`).
 fn gpu_output<'py, T: Float>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
@@ -703,11 +797,11 @@ fn gpu_output<'py, T: Float>(
     shape: &[usize],
     inputs: &[&GpuArray],
     stream: Stream,
-) -> PyResult<(Bound<'py, PyAny>, u64)> {
+) -> PyResult<(Bound<'py, PyAny>, u64, Option<Stream>)> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
         let array = DeviceArray::empty::<T>(device, shape, dtype, stream)?;
         let ptr = array.ptr();
-        return Ok((Bound::new(py, array)?.into_any(), ptr));
+        return Ok((Bound::new(py, array)?.into_any(), ptr, None));
     };
     let target = import(out, "out", stream)?;
     target.check("out", dtype, device.ordinal())?;
@@ -722,7 +816,7 @@ fn gpu_output<'py, T: Float>(
     if inputs.iter().any(|input| input.overlaps(&target, dtype.item_size())) {
         return Err(Error::BadOutput("out must not share memory with an input".into()).into());
     }
-    Ok((out.clone(), target.ptr))
+    Ok((out.clone(), target.ptr, target.producer))
 }
 
 /// The (N, C, H, W) shape of a C-contiguous GPU array of a module accepting `ranks`.
@@ -753,7 +847,7 @@ fn through_device<'py, T: Float>(
 /// producer may free an array's memory as soon as its capsule is released, and the call returns
 /// (releasing it) while its kernels may still run on `stream`.
 pub(crate) struct InFlight {
-    done: Event,
+    done: Arc<Event>,
     _arrays: Vec<Py<PyAny>>,
 }
 
@@ -764,86 +858,101 @@ impl Drop for InFlight {
     }
 }
 
-/// Keeps `arrays` alive until the work queued on `stream` so far has finished, and lets go of
-/// earlier calls' arrays whose work has.
-fn keep_until_done(
-    in_flight: &mut Vec<InFlight>,
-    device: &Arc<Device>,
-    stream: Stream,
-    arrays: Vec<Py<PyAny>>,
-) -> Result<()> {
-    in_flight.retain(|call| !call.done.is_done().unwrap_or(true));
-    in_flight.push(InFlight { done: Event::record(device, stream)?, _arrays: arrays });
-    Ok(())
-}
-
-/// After a GPU call wrote `output` and read `inputs` on `stream`: the output's own buffer (a
-/// fresh DeviceArray) is freed only after that work, and every array stays alive until it is done.
+/// After a GPU call that ended with `done` wrote `output` and read `inputs`: a fresh DeviceArray's
+/// own buffer is freed only after that work (its drop orders the free after `done`), and every
+/// other array stays alive until the work is done. Earlier calls' arrays whose work has finished
+/// are let go.
+/// Producers' streams other than `stream` wait for the call's work, so they neither read an output
+/// early nor overwrite an input still being read.
 fn after_call(
     state: &mut super::State,
-    device: &Arc<Device>,
+    done: Option<Arc<Event>>,
     stream: Stream,
+    producers: &[Option<Stream>],
     output: &Bound<'_, PyAny>,
     inputs: Vec<Py<PyAny>>,
 ) -> Result<()> {
-    if let Ok(array) = output.cast::<DeviceArray>() {
-        array.get().written_on(stream)?;
+    // A finished forward or backward always leaves its event; without one there is nothing to wait for.
+    let Some(done) = done else { return Ok(()) };
+    let mut others: Vec<Stream> = Vec::new();
+    for &producer in producers.iter().flatten() {
+        if !same_stream(producer, stream) && !others.iter().any(|&o| same_stream(o, producer)) {
+            done.order_before(producer)?;
+            others.push(producer);
+        }
     }
     let mut arrays = inputs;
-    arrays.push(output.clone().unbind());
-    keep_until_done(&mut state.in_flight, device, stream, arrays)
+    match output.cast::<DeviceArray>() {
+        Ok(array) => array.get().written_by(done.clone()),
+        Err(_) => arrays.push(output.clone().unbind()),
+    }
+    state.in_flight.retain(|call| !call.done.is_done().unwrap_or(true));
+    state.in_flight.push(InFlight { done, _arrays: arrays });
+    Ok(())
 }
 
-/// The forward of a module on a GPU, on `stream`.
+/// The forward of a module on a GPU, on `stream` (or the `default_stream`).
 pub(crate) fn forward<'py, T: Float>(
     module: &Bound<'py, PyBatchNorm2d>,
     input: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
-    stream: Stream,
+    stream: Option<Stream>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = module.py();
     let this = module.get();
     let device = module_device(this, py)?;
     if input.cast::<numpy::PyUntypedArray>().is_ok() {
+        let stream = stream.unwrap_or(Stream::DEFAULT);
         return through_device::<T>(py, &device, this.dtype, input, "input", out, |staged| {
-            forward::<T>(module, staged, None, stream)
+            forward::<T>(module, staged, None, Some(stream))
         });
     }
+    let stream = match stream {
+        Some(stream) => stream,
+        None => default_stream(input)?,
+    };
     let x = import(input, "input", stream)?;
     x.check("input", this.dtype, device.ordinal())?;
     let shape = shape_of(&x, "input", this.ranks)?;
-    let (y, y_ptr) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x], stream)?;
+    let (y, y_ptr, y_producer) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x], stream)?;
     {
         let mut state = lock(py, &this.layer);
         let layer = typed_gpu::<T>(&mut state.gpu)?;
         // SAFETY: both arrays were checked to be C-contiguous, of `shape`, on the layer's device;
         // both stay alive until the kernels are done (`after_call`).
         unsafe { layer.forward(DeviceTensor::from_raw(x.ptr, shape), DeviceTensor::from_raw(y_ptr, shape), stream)? };
-        after_call(&mut state, &device, stream, &y, vec![x.owner.clone_ref(py)])?;
+        let done = layer.last_event();
+        after_call(&mut state, done, stream, &[x.producer, y_producer], &y, vec![x.owner.clone_ref(py)])?;
     }
-    *lock(py, &this.saved) = Some(Saved::Gpu { ptr: x.ptr, dims: x.shape.clone(), _input: x.owner });
+    *lock(py, &this.saved) =
+        Some(Saved::Gpu { ptr: x.ptr, dims: x.shape.clone(), producer: x.producer, _input: x.owner });
     Ok(y)
 }
 
-/// The backward of a module on a GPU, on `stream`.
+/// The backward of a module on a GPU, on `stream` (or the `default_stream`).
 pub(crate) fn backward<'py, T: Float>(
     module: &Bound<'py, PyBatchNorm2d>,
     grad_output: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
-    stream: Stream,
+    stream: Option<Stream>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = module.py();
     let this = module.get();
     let device = module_device(this, py)?;
-    let (x_ptr, dims, input) = match lock(py, &this.saved).as_ref() {
-        Some(Saved::Gpu { ptr, dims, _input }) => (*ptr, dims.clone(), _input.clone_ref(py)),
+    let (x_ptr, dims, x_producer, input) = match lock(py, &this.saved).as_ref() {
+        Some(Saved::Gpu { ptr, dims, producer, _input }) => (*ptr, dims.clone(), *producer, _input.clone_ref(py)),
         _ => return Err(Error::NoForward.into()),
     };
     if grad_output.cast::<numpy::PyUntypedArray>().is_ok() {
+        let stream = stream.unwrap_or(Stream::DEFAULT);
         return through_device::<T>(py, &device, this.dtype, grad_output, "grad_output", out, |staged| {
-            backward::<T>(module, staged, None, stream)
+            backward::<T>(module, staged, None, Some(stream))
         });
     }
+    let stream = match stream {
+        Some(stream) => stream,
+        None => default_stream(grad_output)?,
+    };
     let dy = import(grad_output, "grad_output", stream)?;
     dy.check("grad_output", this.dtype, device.ordinal())?;
     if dy.shape != dims {
@@ -861,9 +970,10 @@ pub(crate) fn backward<'py, T: Float>(
         dtype: Ok(this.dtype),
         device: device.ordinal(),
         readonly: true,
+        producer: x_producer,
         owner: input,
     };
-    let (dx, dx_ptr) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x, &dy], stream)?;
+    let (dx, dx_ptr, dx_producer) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x, &dy], stream)?;
     let mut state = lock(py, &this.layer);
     let layer = typed_gpu::<T>(&mut state.gpu)?;
     // SAFETY: as in `forward`; `x` is the last forward's input.
@@ -875,7 +985,8 @@ pub(crate) fn backward<'py, T: Float>(
             stream,
         )?
     };
-    after_call(&mut state, &device, stream, &dx, vec![x.owner, dy.owner])?;
+    let done = layer.last_event();
+    after_call(&mut state, done, stream, &[x.producer, dy.producer, dx_producer], &dx, vec![x.owner, dy.owner])?;
     Ok(dx)
 }
 

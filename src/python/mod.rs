@@ -448,6 +448,7 @@ enum Saved {
     Gpu {
         ptr: u64,
         dims: Vec<usize>,
+        producer: Option<crate::cuda::Stream>,
         _input: Py<PyAny>,
     },
 }

@@ -12,7 +12,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __align__(bytes) alignas(bytes)
 // One block runs at a time, so a function's statics are its block's shared memory.
 #define __shared__ static
@@ -56,6 +56,7 @@ T shfl_down(unsigned mask, T value, int delta, int line) {
 // Blocks run one after another, so device memory is coherent without fences and an atomic is a
 // plain read-modify-write.
 inline void __threadfence() {}
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32); }
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     unsigned old = *address;
     *address = old + value;
