@@ -41,6 +41,9 @@ def cases(shape):
         "torch eval": lambda x, _: F.batch_norm(x, mean, var, w, b, training=False),
         "torch train+backward": torch_fb,
         "dlpack export of x": lambda x, _: x.__dlpack__(stream=1),
+        # Yardsticks for the statistics pass: PyTorch's per-channel and whole-tensor sums.
+        "torch x.sum((0, 2, 3))": lambda x, _: x.sum((0, 2, 3)),
+        "torch x.sum()": lambda x, _: x.sum(),
     }
 
 

@@ -15,7 +15,7 @@
 typedef unsigned long long u64;
 
 #define THREADS 256  // every launch's block size; src/cuda/launch.rs says the same
-#define UNROLL 4     // independent loads each thread has in flight
+#define UNROLL 4     // independent loads each thread has in flight (16-byte ones, in the reductions)
 // Blocks of a reduction pass resident on each multiprocessor (so at most 64 registers a thread):
 // launch.rs sizes the grid to one wave of them.
 #define REDUCTION_BLOCKS_PER_MULTIPROCESSOR 4
@@ -73,6 +73,13 @@ __device__ __forceinline__ Index divide(Index n, Index d, u64 magic) {
     } else {
         return n / d;
     }
+}
+
+// Packs a thread loads per step of a reduction: UNROLL 16-byte loads' worth at any width, so that
+// narrow packs (planes such as 7x7 that 16-byte packs do not divide) keep as many bytes in flight.
+template <typename T, int W>
+__device__ constexpr int step_loads() {
+    return UNROLL * 16 / static_cast<int>(sizeof(T) * W);
 }
 
 template <typename T, int W>
@@ -214,9 +221,10 @@ struct ChannelWalk {
         }
     }
     // The packs first, first + THREADS, ... of a thread's next step, those before `end`.
-    __device__ __forceinline__ void load_step(Pack<T, W> (&packs)[UNROLL], Index first, Index end) const {
+    template <int LOADS>
+    __device__ __forceinline__ void load_step(Pack<T, W> (&packs)[LOADS], Index first, Index end) const {
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++)
+        for (int u = 0; u < LOADS; u++)
             if (first + u * THREADS < end) packs[u] = load(first + u * THREADS);
     }
 };
@@ -239,16 +247,17 @@ __device__ void statistics(const ForwardArgs& a) {
                                                  a.reduction_plane_divisor};
     // Each step's loads are issued before the previous step's values are summed, and the first
     // step's before the shift is read: no thread waits for memory with nothing in flight.
+    constexpr int LOADS = step_loads<T, W>();
     Index first = begin + threadIdx.x;
-    Pack<T, W> packs[UNROLL];
+    Pack<T, W> packs[LOADS];
     walk.load_step(packs, first, end);
     const double shift = static_cast<double>(walk.base[0]);
     double n = 0.0, s1 = 0.0, s2 = 0.0;
-    for (; first < end; first += THREADS * UNROLL) {
-        Pack<T, W> next[UNROLL];
-        walk.load_step(next, first + THREADS * UNROLL, end);
+    for (; first < end; first += THREADS * LOADS) {
+        Pack<T, W> next[LOADS];
+        walk.load_step(next, first + THREADS * LOADS, end);
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < LOADS; u++) {
             if (first + u * THREADS < end) {
 #pragma unroll
                 for (int e = 0; e < W; e++) {
@@ -260,7 +269,7 @@ __device__ void statistics(const ForwardArgs& a) {
             }
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) packs[u] = next[u];
+        for (int u = 0; u < LOADS; u++) packs[u] = next[u];
     }
     // Clamp rounding below zero, but keep NaN (fmax would drop it): NaN input reaches the statistics.
     const double m2 = s2 - s1 * (s1 / n);
@@ -386,12 +395,15 @@ __device__ void gradient_sums(const BackwardArgs& a) {
     Sums own{0.0, 0.0};
     // Two arrays' loads in flight already; loading a step ahead as `statistics` does would need
     // more registers than four resident blocks leave.
-    for (Index first = begin + threadIdx.x; first < end; first += THREADS * UNROLL) {
-        Pack<T, W> x_packs[UNROLL], dy_packs[UNROLL];
+    // Two arrays: half `statistics`' loads of each (at least UNROLL), so that narrow packs' 64-bit
+    // addresses still fit the registers of four resident blocks.
+    constexpr int LOADS = step_loads<T, W>() / 2 > UNROLL ? step_loads<T, W>() / 2 : UNROLL;
+    for (Index first = begin + threadIdx.x; first < end; first += THREADS * LOADS) {
+        Pack<T, W> x_packs[LOADS], dy_packs[LOADS];
         xs.load_step(x_packs, first, end);
         dys.load_step(dy_packs, first, end);
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < LOADS; u++) {
             if (first + u * THREADS < end) {
 #pragma unroll
                 for (int e = 0; e < W; e++) {
@@ -477,11 +489,11 @@ __device__ void input_gradient(const BackwardArgs& a) {
 #define REDUCTIONS(T, W, SUFFIX, ALIGNED)                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, REDUCTION_BLOCKS_PER_MULTIPROCESSOR)                \
         statistics_##SUFFIX(ForwardArgs a) {                                                               \
-        REDUCTION_INDEXED(statistics, a.images * (a.plane / W) + 2 * THREADS * UNROLL, T, W, ALIGNED)          \
+        REDUCTION_INDEXED(statistics, a.images * (a.plane / W) + 2 * THREADS * (step_loads<T, W>()), T, W, ALIGNED) \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, REDUCTION_BLOCKS_PER_MULTIPROCESSOR)                \
         gradient_sums_##SUFFIX(BackwardArgs a) {                                                           \
-        REDUCTION_INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * UNROLL, T, W, ALIGNED)         \
+        REDUCTION_INDEXED(gradient_sums, a.images * (a.plane / W) + THREADS * (step_loads<T, W>()), T, W, ALIGNED) \
     }
 
 #define ELEMENTWISE(T, W, SUFFIX)                                                                          \

@@ -17,8 +17,11 @@ const UNROLL: u64 = 4;
 /// on one multiprocessor (their launch bounds), so that a grid of that many per multiprocessor
 /// runs in one wave, with no second partial wave at the end.
 const BLOCKS_PER_MULTIPROCESSOR: u64 = 4;
-/// A reduction block gets at least this many packs, so each thread loops at least twice.
-const MIN_PACKS_PER_BLOCK: u64 = 2 * THREADS as u64 * UNROLL;
+/// `step_loads` of kernels.cu: the packs of `pack_bytes` a reduction's thread loads per step,
+/// UNROLL 16-byte loads' worth.
+fn step_loads(pack_bytes: u64) -> u64 {
+    UNROLL * 16 / pack_bytes
+}
 /// The size of the larger per-block partial of kernels.cu (`Moments`: three doubles).
 const PARTIAL_BYTES: usize = 24;
 /// The size of the larger per-channel coefficient record (`GradAffine<double>`: five doubles).
@@ -124,6 +127,8 @@ pub(crate) struct Geometry {
     pub reduction_width: u64,
     /// Whether every pointer is 16-byte aligned, so wide packs load in one instruction.
     aligned: bool,
+    /// The size of one value (4 or 8).
+    element_bytes: u64,
 }
 
 impl Geometry {
@@ -141,7 +146,15 @@ impl Geometry {
         let aligned = pointers.iter().all(|p| p % 16 == 0);
         let reduction_width = if plane.is_multiple_of(wide) { wide } else { 1 };
         let width = if aligned { reduction_width } else { 1 };
-        Ok(Geometry { images: shape.n as u64, channels: shape.c as u64, plane, width, reduction_width, aligned })
+        Ok(Geometry {
+            images: shape.n as u64,
+            channels: shape.c as u64,
+            plane,
+            width,
+            reduction_width,
+            aligned,
+            element_bytes: std::mem::size_of::<T>() as u64,
+        })
     }
 
     /// `normalize_f32x4` and the like.
@@ -156,11 +169,12 @@ impl Geometry {
     }
 
     /// Blocks per channel for a reduction pass: as many as one wave of blocks allows (at least
-    /// one), never fewer than `MIN_PACKS_PER_BLOCK` packs each.
+    /// one), never so many that a thread has fewer than two steps of loads.
     pub(crate) fn splits(&self, device: &Device, workspace: &Workspace) -> u64 {
         let packs = self.images * (self.plane / self.reduction_width);
+        let min_packs_per_block = 2 * u64::from(THREADS) * step_loads(self.reduction_width * self.element_bytes);
         let wanted = reduction_target(device) / self.channels;
-        let affordable = (packs / MIN_PACKS_PER_BLOCK).max(1);
+        let affordable = (packs / min_packs_per_block).max(1);
         wanted.min(affordable).min(u64::from(u16::MAX)).min(workspace.max_splits_total / self.channels).max(1)
     }
 
