@@ -58,13 +58,6 @@ timeout 120 ncu --clock-control none --cache-control none -k regex:"statistics|n
 rc=$?; record ncu $rc
 grep -E "^  [a-z_0-9]+\(|gpu__time|dram__bytes" "$OUT/ncu.log" | sed -E 's/\(ForwardArgs\)|\(BackwardArgs\)//; s/ +/ /g' | paste - - - - | cut -c1-160
 
-step "ncu: the statistics pass in detail (32, 64, 56, 56)"
-timeout 90 ncu --clock-control none --cache-control none -k regex:"statistics_f32x4" -c 1 \
-  --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section MemoryWorkloadAnalysis \
-  python3 benches/gpu_diagnose.py --ncu-target > "$OUT/ncu_statistics.log" 2>&1
-rc=$?; record ncu-statistics $rc
-grep -E "Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Stall|Registers|Block Limit|Waves|Warp Cycles|Issued|Eligible|Bandwidth|Hit Rate" "$OUT/ncu_statistics.log" | sed -E 's/ +/ /g' | head -40
-
 step "benchmark"
 timeout "${BENCH_LIMIT:-170}" python3 -m batchnorm.bench_cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" > "$OUT/bench.log" 2>&1
 rc=$?; record bench $rc; tail -60 "$OUT/bench.log"

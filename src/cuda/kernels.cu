@@ -106,6 +106,12 @@ struct Sums {
     double dy, dy_xmu;
 };
 
+// Σ (x − shift) and Σ (x − shift)² over values that share one shift: a block's threads add these
+// (no division), and only the block's total becomes Moments, which blocks combine with Chan.
+struct ShiftedSums {
+    double s1, s2;
+};
+
 __device__ __forceinline__ Moments combine(Moments a, Moments b) {
     double count = a.count + b.count;
     if (count == 0.0) return a;
@@ -116,6 +122,10 @@ __device__ __forceinline__ Moments combine(Moments a, Moments b) {
 
 __device__ __forceinline__ Sums combine(Sums a, Sums b) { return Sums{a.dy + b.dy, a.dy_xmu + b.dy_xmu}; }
 
+__device__ __forceinline__ ShiftedSums combine(ShiftedSums a, ShiftedSums b) {
+    return ShiftedSums{a.s1 + b.s1, a.s2 + b.s2};
+}
+
 __device__ __forceinline__ Moments shuffle_down(Moments m, int offset) {
     return Moments{__shfl_down_sync(0xffffffffu, m.count, offset), __shfl_down_sync(0xffffffffu, m.mean, offset),
                    __shfl_down_sync(0xffffffffu, m.m2, offset)};
@@ -123,6 +133,10 @@ __device__ __forceinline__ Moments shuffle_down(Moments m, int offset) {
 
 __device__ __forceinline__ Sums shuffle_down(Sums s, int offset) {
     return Sums{__shfl_down_sync(0xffffffffu, s.dy, offset), __shfl_down_sync(0xffffffffu, s.dy_xmu, offset)};
+}
+
+__device__ __forceinline__ ShiftedSums shuffle_down(ShiftedSums s, int offset) {
+    return ShiftedSums{__shfl_down_sync(0xffffffffu, s.s1, offset), __shfl_down_sync(0xffffffffu, s.s2, offset)};
 }
 
 // The whole block's combination of `value`, valid in thread 0.
@@ -162,17 +176,29 @@ __device__ __forceinline__ Moments load_from_l2(const Moments* p) {
 
 __device__ __forceinline__ Sums load_from_l2(const Sums* p) { return Sums{__ldcg(&p->dy), __ldcg(&p->dy_xmu)}; }
 
-// Channel c's partials, combined by the last block to arrive; resets the arrival count.
+// Channel c's partials, combined by the first warp of the last block to arrive (valid in thread
+// 0; the other warps have no part in it, nor the cost of Chan's divisions); resets the count.
 template <typename S>
 __device__ S gather_partials(S* partials, unsigned* arrivals, unsigned c, u64 splits) {
     __threadfence();
     S total{};
-    for (u64 i = threadIdx.x; i < splits; i += THREADS) {
-        total = combine(total, load_from_l2(&partials[c * splits + i]));
+    if (threadIdx.x < 32) {
+        for (u64 i = threadIdx.x; i < splits; i += 32) total = combine(total, load_from_l2(&partials[c * splits + i]));
+        for (int offset = 16; offset > 0; offset /= 2) total = combine(total, shuffle_down(total, offset));
     }
-    total = block_combine(total);
     if (threadIdx.x == 0) arrivals[c] = 0;
     return total;
+}
+
+// Turns a block's `value` for channel c into the channel's total (valid in thread 0) and returns
+// true in the one block that then has it: a lone block has it already (no atomics, no partials);
+// of several, the last to arrive gathers them all.
+template <typename S>
+__device__ bool channel_total(S& value, S* partials, unsigned* arrivals, unsigned c, unsigned split, u64 splits) {
+    if (splits == 1) return true;
+    if (!publish_partial(value, partials, arrivals, c, split, splits)) return false;
+    value = gather_partials(partials, arrivals, c, splits);
+    return true;
 }
 
 // The packs of channel c that block `split` of a reduction pass covers: an equal share of its
@@ -252,7 +278,7 @@ __device__ void statistics(const ForwardArgs& a) {
     Pack<T, W> packs[LOADS];
     walk.load_step(packs, first, end);
     const double shift = static_cast<double>(walk.base[0]);
-    double n = 0.0, s1 = 0.0, s2 = 0.0;
+    double s1 = 0.0, s2 = 0.0;
     for (; first < end; first += THREADS * LOADS) {
         Pack<T, W> next[LOADS];
         walk.load_step(next, first + THREADS * LOADS, end);
@@ -265,19 +291,19 @@ __device__ void statistics(const ForwardArgs& a) {
                     s1 += d;
                     s2 = fma(d, d, s2);
                 }
-                n += W;
             }
         }
 #pragma unroll
         for (int u = 0; u < LOADS; u++) packs[u] = next[u];
     }
-    // Clamp rounding below zero, but keep NaN (fmax would drop it): NaN input reaches the statistics.
-    const double m2 = s2 - s1 * (s1 / n);
-    Moments own = n > 0.0 ? Moments{n, shift + s1 / n, m2 < 0.0 ? 0.0 : m2} : Moments{};
-    own = block_combine(own);
-    Moments* partials = static_cast<Moments*>(a.partials);
-    if (!publish_partial(own, partials, a.arrivals, c, split, a.splits)) return;
-    const Moments m = gather_partials(partials, a.arrivals, c, a.splits);
+    const ShiftedSums sums = block_combine(ShiftedSums{s1, s2});
+    // The block's moments (in thread 0, the one that publishes them). Rounding below zero is
+    // clamped, but NaN kept (fmax would drop it): NaN input reaches the statistics.
+    const double n = static_cast<double>(end > begin ? end - begin : 0) * W;
+    const double m2 = sums.s2 - sums.s1 * (sums.s1 / n);
+    const Moments own = n > 0.0 ? Moments{n, shift + sums.s1 / n, m2 < 0.0 ? 0.0 : m2} : Moments{};
+    Moments m = own;
+    if (!channel_total(m, static_cast<Moments*>(a.partials), a.arrivals, c, split, a.splits)) return;
     if (threadIdx.x != 0) return;
 
     const double mean = m.mean, var = m.m2 / m.count;
@@ -414,10 +440,8 @@ __device__ void gradient_sums(const BackwardArgs& a) {
             }
         }
     }
-    own = block_combine(own);
-    Sums* partials = static_cast<Sums*>(a.partials);
-    if (!publish_partial(own, partials, a.arrivals, c, split, a.splits)) return;
-    const Sums s = gather_partials(partials, a.arrivals, c, a.splits);
+    Sums s = block_combine(own);
+    if (!channel_total(s, static_cast<Sums*>(a.partials), a.arrivals, c, split, a.splits)) return;
     if (threadIdx.x != 0) return;
 
     const double invstd = a.saved_invstd[c];
