@@ -220,6 +220,30 @@ def tables(report):
     return "\n".join(lines)
 
 
+def summary(report):
+    """Markdown: one row per shape and layout, device times in µs, ours beside PyTorch's (cuDNN), and
+    our bandwidth as a share of the copy's; per-call times in the detailed tables."""
+    lines = [
+        "| (N, C, H, W) | copy | train: ours (of copy) / torch | eval: ours (of copy) / torch "
+        "| train+backward: ours (of copy) / torch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, results in report["shapes"].items():
+        shape, cases = tuple(results["shape"]), results["cases"]
+        copy_ms = cases["copy"]["device_ms"]
+        cells = []
+        for operation in ("train", "eval", "train+backward"):
+            theirs = f"{cases[f'torch {operation}']['device_ms'] * 1e3:.1f}"
+            ours = cases.get(f"batchnorm {operation}")
+            if ours is None:
+                cells.append(f"n/a / {theirs}")
+                continue
+            share = rate(shape, ours, copy_ms)[1]
+            cells.append(f"{ours['device_ms'] * 1e3:.1f} ({share:.0%}) / {theirs}")
+        lines.append(f"| {key} | {copy_ms * 1e3:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _numel(shape):
     numel = 1
     for d in shape:
@@ -232,10 +256,12 @@ def main(argv=None):
     parser.add_argument("--json", default="bench-results/bench_cuda.json", help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="the two headline shapes only, NCHW")
     parser.add_argument("--table", metavar="JSON", help="print the Markdown tables of a saved run and exit")
+    parser.add_argument("--summary", metavar="JSON", help="print the one-row-per-shape summary of a saved run")
     args = parser.parse_args(argv)
-    if args.table:
-        with open(args.table) as f:
-            print(tables(json.load(f)))
+    if args.table or args.summary:
+        with open(args.table or args.summary) as f:
+            report = json.load(f)
+        print(tables(report) if args.table else summary(report))
         return
     try:
         import torch
@@ -266,6 +292,7 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(tables(report))
+    print(summary(report))
 
 
 if __name__ == "__main__":
