@@ -455,12 +455,17 @@ def test_a_gpu_module_saves_a_state_file_that_loads_on_the_cpu(rng, tmp_path):
     assert loaded.num_batches_tracked == 1
 
 
+def gpu_module_and_input(rng):
+    """A float32 module on the GPU, its reference, and an input large enough that kernels run a while."""
+    m, ref = pair(8, np.float32)
+    m.to("cuda")
+    return m, ref, rng.standard_normal((32, 8, 64, 64)).astype(np.float32)
+
+
 @needs_gpu
 @needs_torch
 def test_without_stream_work_goes_to_torchs_current_stream(rng):
-    m, ref = pair(8, np.float32)
-    m.to("cuda")
-    x = rng.standard_normal((32, 8, 64, 64)).astype(np.float32)
+    m, ref, x = gpu_module_and_input(rng)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         x_gpu = on_gpu(x)
@@ -475,9 +480,7 @@ def test_without_stream_work_goes_to_torchs_current_stream(rng):
 @needs_gpu
 @needs_torch
 def test_an_out_array_is_ready_for_torchs_stream_after_work_on_another(rng):
-    m, ref = pair(8, np.float32)
-    m.to("cuda")
-    x = rng.standard_normal((32, 8, 64, 64)).astype(np.float32)
+    m, ref, x = gpu_module_and_input(rng)
     ours = torch.cuda.Stream()
     x_gpu = on_gpu(x)
     torch.cuda.synchronize()
