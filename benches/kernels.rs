@@ -1,7 +1,7 @@
 //! Criterion benches of the CPU kernels: training forward, eval forward and backward, at a few
 //! shapes, on one thread and on all. `cargo bench` (or `make bench-rust`).
 
-use batchnorm::{BatchNorm2d, Config, Shape, TensorRef};
+use batchnorm::{BatchNorm, Config, Kind, Shape, TensorRef};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const SHAPES: [Shape; 3] = [Shape::new(8, 64, 112, 112), Shape::new(32, 64, 56, 56), Shape::new(256, 512, 7, 7)];
@@ -19,14 +19,14 @@ fn bench(c: &mut Criterion) {
             batchnorm::set_num_threads(threads).expect("thread pool");
             let label = format!("{:?}/{threads}t", shape.dims());
             let xr = TensorRef::contiguous(&x, shape).expect("shape matches data");
-            let mut layer = BatchNorm2d::<f32>::new(Config::new(shape.c)).expect("valid config");
+            let mut layer = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(shape.c)).expect("valid config");
             group.bench_function(BenchmarkId::new("memcpy", &label), |b| b.iter(|| y.copy_from_slice(&x)));
             group.bench_function(BenchmarkId::new("train_forward", &label), |b| {
                 b.iter(|| layer.forward(&xr, &mut y).expect("forward"))
             });
-            let saved = layer.forward(&xr, &mut y).expect("forward");
+            layer.forward(&xr, &mut y).expect("forward");
             group.bench_function(BenchmarkId::new("backward", &label), |b| {
-                b.iter(|| layer.backward(&saved, &xr, &xr, &mut dx).expect("backward"))
+                b.iter(|| layer.backward(&xr, &xr, &mut dx).expect("backward"))
             });
             layer.set_training(false);
             group.bench_function(BenchmarkId::new("eval_forward", &label), |b| {

@@ -1,6 +1,7 @@
 //! `torch.nn.functional.batch_norm` and its backward, on slices: for callers with their own
-//! module or autograd. [`crate::BatchNorm2d`] is built on these two functions.
+//! module or autograd. [`crate::BatchNorm`] is built on these two functions.
 
+use crate::checks::{check_batch_size, check_eps, check_len, check_output_len};
 use crate::cpu::backward::{through_batch_stats, through_fixed_stats};
 use crate::cpu::forward::{self, inv_std, ChannelAffine};
 use crate::cpu::kernels::Moments;
@@ -25,7 +26,7 @@ impl SavedStats {
     pub fn of_batch<T: Element>(x: &TensorRef<'_, T>, eps: f64) -> Result<Self> {
         check_eps(eps, true)?;
         let shape = x.shape();
-        check_batch_size(shape)?;
+        check_batch_size(shape, x.dims())?;
         if shape.numel() == 0 {
             return Ok(Self::empty_batch(shape));
         }
@@ -83,41 +84,6 @@ pub struct ParamGrads<T> {
     pub grad_bias: Vec<T>,
 }
 
-pub(crate) fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
-    if got == expected {
-        return Ok(());
-    }
-    Err(Error::ShapeMismatch { what: what.to_string(), expected: vec![expected], got: vec![got] })
-}
-
-pub(crate) fn check_batch_size(shape: Shape) -> Result<()> {
-    if shape.values_per_channel() == 1 {
-        return Err(Error::TooFewValues { shape: shape.dims().to_vec() });
-    }
-    Ok(())
-}
-
-fn check_output(shape: Shape, len: usize) -> Result<()> {
-    if len != shape.numel() {
-        return Err(Error::Length { what: "output", expected: shape.numel(), got: len });
-    }
-    Ok(())
-}
-
-/// PyTorch 2.13's rule: normalizing by batch statistics needs eps > 0 (a constant channel would
-/// divide by zero), by running statistics eps ≥ 0. As in PyTorch, NaN and infinity pass.
-pub fn check_eps(eps: f64, batch_stats: bool) -> Result<()> {
-    if batch_stats && eps <= 0.0 {
-        return Err(Error::InvalidArgument(format!(
-            "batch_norm eps must be positive during training, but got {eps:?}"
-        )));
-    }
-    if eps < 0.0 {
-        return Err(Error::InvalidArgument(format!("batch_norm eps must be non-negative, but got {eps:?}")));
-    }
-    Ok(())
-}
-
 /// `torch.nn.functional.batch_norm`: normalizes `x` into `y` (C-contiguous, same shape).
 ///
 /// With `training`, uses the batch's statistics and, when running buffers are given, updates
@@ -139,7 +105,7 @@ pub fn batch_norm<T: Element>(
     let shape = x.shape();
     let c = shape.c;
     check_eps(eps, training)?;
-    check_output(shape, y.len())?;
+    check_output_len(shape, y.len())?;
     if let Some(w) = weight {
         check_len("weight", w.len(), c)?;
     }
@@ -175,7 +141,7 @@ pub fn batch_norm<T: Element>(
         return Ok(saved);
     }
 
-    check_batch_size(shape)?;
+    check_batch_size(shape, x.dims())?;
     if shape.numel() == 0 {
         return Ok(SavedStats::empty_batch(shape));
     }
@@ -209,7 +175,7 @@ pub fn batch_norm_backward<T: Element>(
             });
         }
     }
-    check_output(shape, dx.len())?;
+    check_output_len(shape, dx.len())?;
     if let Some(w) = weight {
         check_len("weight", w.len(), shape.c)?;
     }

@@ -9,7 +9,7 @@
 use crate::error::{shape_str, Error, Result};
 
 /// Which input ranks a call accepts, and how it reads them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Ranks {
     /// BatchNorm1d: (N, C) or (N, C, L).
     Sequence,
@@ -23,6 +23,21 @@ pub enum Ranks {
 }
 
 impl Ranks {
+    /// Whether an input of `rank` dimensions is one of these.
+    pub const fn accepts(self, rank: usize) -> bool {
+        match self {
+            Ranks::Sequence => matches!(rank, 2 | 3),
+            Ranks::Planes => matches!(rank, 3 | 4),
+            Ranks::Volumes => rank == 5,
+            Ranks::Any => 2 <= rank && rank <= 5,
+        }
+    }
+
+    /// Whether a 3D input is an unbatched (C, H, W) rather than (N, C, L).
+    const fn unbatched(self, rank: usize) -> bool {
+        matches!(self, Ranks::Planes) && rank == 3
+    }
+
     /// What an error message says was expected.
     pub const fn expected(self) -> &'static str {
         match self {
@@ -31,6 +46,44 @@ impl Ranks {
             Ranks::Volumes => "5D (N, C, D, H, W)",
             Ranks::Any => "2D to 5D (N, C, *)",
         }
+    }
+}
+
+/// The dimensions of a tensor as its caller gave them (2 to 5), and how they were read: what
+/// rank checks and error messages see. Kernels see the (N, C, H, W) [`Shape`] they map to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Dims {
+    values: [usize; 5],
+    rank: usize,
+    read_as: Ranks,
+}
+
+impl Dims {
+    pub(crate) fn new(dims: &[usize], read_as: Ranks) -> Dims {
+        let mut values = [0; 5];
+        let rank = dims.len().min(5);
+        values[..rank].copy_from_slice(&dims[..rank]);
+        Dims { values, rank, read_as }
+    }
+
+    pub fn as_slice(&self) -> &[usize] {
+        &self.values[..self.rank]
+    }
+
+    /// How the dims were read.
+    pub fn read_as(&self) -> Ranks {
+        self.read_as
+    }
+
+    /// Whether a call reading its inputs as `ranks` takes these dims, read the same way (a 3D
+    /// input is (N, C, L) everywhere but in BatchNorm2d, where it is an unbatched (C, H, W)).
+    pub fn fit(&self, ranks: Ranks) -> bool {
+        ranks.accepts(self.rank) && ranks.unbatched(self.rank) == self.read_as.unbatched(self.rank)
+    }
+
+    /// The error for dims that do not [`Self::fit`] `ranks`.
+    pub fn rank_error(&self, what: &'static str, ranks: Ranks) -> Error {
+        Error::Rank { what, expected: ranks.expected(), got: self.as_slice().to_vec() }
     }
 }
 
@@ -117,6 +170,11 @@ impl Shape {
         [self.n, self.c, self.h, self.w]
     }
 
+    /// The shape as 4D dims.
+    pub fn as_dims(&self) -> Dims {
+        Dims::new(&self.dims(), Ranks::Planes)
+    }
+
     pub const fn channels(&self) -> usize {
         self.c
     }
@@ -180,6 +238,7 @@ pub struct TensorRef<'a, T> {
     strides: [isize; 4],
     /// The longest stretch of logical positions with a constant address step: (length, step).
     run: (usize, isize),
+    dims: Dims,
 }
 
 impl<'a, T: Copy + Default> TensorRef<'a, T> {
@@ -220,11 +279,38 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
         } else {
             (shape.w, sw)
         };
-        Ok(TensorRef { data, offset, shape, strides, run })
+        Ok(TensorRef { data, offset, shape, strides, run, dims: shape.as_dims() })
+    }
+
+    /// A tensor of `dims` (N, C, *) with element `strides`, read as `ranks` says (see
+    /// [`Shape::view_of`]), whose first element is `data[offset]`. A 5D tensor none of whose
+    /// spatial dimensions nest in memory cannot be viewed: copy it C-contiguous first.
+    pub fn new(data: &'a [T], offset: usize, dims: &[usize], strides: &[isize], ranks: Ranks) -> Result<Self> {
+        let Some((shape, strides)) = Shape::view_of(dims, strides, ranks, "input")? else {
+            return Err(Error::InvalidArgument(format!(
+                "an input of shape {} whose spatial strides do not nest cannot be read in place: copy it \
+                 C-contiguous first",
+                shape_str(dims)
+            )));
+        };
+        let view = Self::strided(data, offset, shape, strides)?;
+        Ok(TensorRef { dims: Dims::new(dims, ranks), ..view })
+    }
+
+    /// A C-contiguous tensor of `dims`, read as `ranks` says.
+    pub fn contiguous_dims(data: &'a [T], dims: &[usize], ranks: Ranks) -> Result<Self> {
+        let shape = Shape::of_contiguous(dims, ranks, "input")?;
+        let view = Self::contiguous(data, shape)?;
+        Ok(TensorRef { dims: Dims::new(dims, ranks), ..view })
     }
 
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// The dimensions as the caller gave them.
+    pub fn dims(&self) -> Dims {
+        self.dims
     }
 
     /// Whether the memory is laid out exactly as a C-contiguous tensor.
@@ -244,6 +330,23 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
             (w / self.shape.w) as isize * sh + (w % self.shape.w) as isize * sw
         };
         (base + within) as usize
+    }
+
+    /// The values in C order, (n, c, position) (to stage them into device memory).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn contiguous_values(&self) -> Result<Vec<T>> {
+        let shape = self.shape;
+        let mut values = Vec::new();
+        values
+            .try_reserve_exact(shape.numel())
+            .map_err(|_| Error::allocation::<T>("a copy of the input", shape.numel()))?;
+        let mut buf = vec![T::default(); if self.reads_in_place() { 0 } else { shape.plane() }];
+        for n in 0..shape.n {
+            for c in 0..shape.c {
+                values.extend_from_slice(self.read(n, c, 0, shape.plane(), &mut buf));
+            }
+        }
+        Ok(values)
     }
 
     /// Whether [`Self::read`] borrows every plane in place (and so never uses its buffer).

@@ -36,7 +36,7 @@ impl TensorFile {
     /// The dtype a layer built from this file gets: the one its metadata names, else float64 when
     /// a floating tensor is F64, else float32.
     pub fn float_dtype(&self) -> &'static str {
-        match self.metadata.get(crate::layer::DTYPE_KEY).map(String::as_str) {
+        match self.metadata.get(crate::module::DTYPE_KEY).map(String::as_str) {
             Some("float64") => "float64",
             Some(_) => "float32",
             None if self.tensors.iter().any(|(_, t)| t.dtype == FileDtype::F64) => "float64",

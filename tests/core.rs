@@ -2,7 +2,7 @@
 //! sequential, parallel by channel, split within a channel, and strided (gathered) inputs.
 
 use batchnorm::functional::{batch_norm, batch_norm_backward};
-use batchnorm::{BatchNorm2d, Buffer, Config, Error, SavedStats, Shape, StateTensor, TensorRef, Tuning};
+use batchnorm::{BatchNorm, Buffer, Config, Error, Kind, Ranks, SavedStats, Shape, StateTensor, TensorRef, Tuning};
 
 /// Deterministic pseudo-random values with an offset (a small LCG; no extra dependency).
 fn data(len: usize, seed: u64, offset: f64) -> Vec<f64> {
@@ -73,9 +73,10 @@ fn training_forward_matches_scalar_path_on_every_plan() {
         tuning.set();
         let x = data(shape.numel(), 1, 100.0);
         let (want, means, vars) = scalar_forward(&x, shape, 1e-5);
-        let mut layer = BatchNorm2d::<f64>::new(Config::new(shape.c)).unwrap();
+        let mut layer = BatchNorm::<f64>::new(Kind::BatchNorm2d, Config::new(shape.c)).unwrap();
         let mut y = vec![0.0; shape.numel()];
-        let saved = layer.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+        layer.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+        let saved = layer.saved().cloned().unwrap();
         plans.insert(format!("{:?}", batchnorm::last_plan().unwrap().kind));
         assert_close(&y, &want, 1e-10);
         assert_close(saved.mean(), &means, 1e-12);
@@ -99,7 +100,7 @@ fn float32_statistics_are_accurate_on_offset_data() {
     let exact: Vec<f64> = x32.iter().map(|&v| f64::from(v)).collect();
     let (want, _, _) = scalar_forward(&exact, shape, 1e-5);
     let mut y = vec![0.0f32; shape.numel()];
-    BatchNorm2d::<f32>::new(Config::new(3))
+    BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(3))
         .unwrap()
         .forward(&TensorRef::contiguous(&x32, shape).unwrap(), &mut y)
         .unwrap();
@@ -134,7 +135,7 @@ fn strided_views_match_contiguous() {
     let (want, _, _) = scalar_forward(&x, shape, 1e-5);
     for view in [channels_last, flipped] {
         let mut y = vec![0.0; x.len()];
-        BatchNorm2d::<f64>::new(Config::new(4)).unwrap().forward(&view, &mut y).unwrap();
+        BatchNorm::<f64>::new(Kind::BatchNorm2d, Config::new(4)).unwrap().forward(&view, &mut y).unwrap();
         assert_close(&y, &want, 1e-12);
     }
 }
@@ -180,12 +181,12 @@ fn split_and_whole_channel_backward_agree() {
     let shape = Shape::new(8, 3, 64, 64);
     let (x, g) = (data(shape.numel(), 6, 3.0), data(shape.numel(), 7, 0.0));
     let run = |x: &[f64], g: &[f64], shape: Shape| {
-        let mut layer = BatchNorm2d::<f64>::new(Config::new(shape.c)).unwrap();
+        let mut layer = BatchNorm::<f64>::new(Kind::BatchNorm2d, Config::new(shape.c)).unwrap();
         let mut y = vec![0.0; x.len()];
         let xr = TensorRef::contiguous(x, shape).unwrap();
-        let saved = layer.forward(&xr, &mut y).unwrap();
+        layer.forward(&xr, &mut y).unwrap();
         let mut dx = vec![0.0; x.len()];
-        layer.backward(&saved, &xr, &TensorRef::contiguous(g, shape).unwrap(), &mut dx).unwrap();
+        layer.backward(&xr, &TensorRef::contiguous(g, shape).unwrap(), &mut dx).unwrap();
         (dx, layer.grad_weight().unwrap().to_vec())
     };
     let (dx, grad_weight) = run(&x, &g, shape);
@@ -201,7 +202,7 @@ fn split_and_whole_channel_backward_agree() {
 
 #[test]
 fn failed_calls_change_nothing() {
-    let mut layer = BatchNorm2d::<f32>::new(Config::new(2)).unwrap();
+    let mut layer = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(2)).unwrap();
     let one_value = vec![1.0f32, 2.0];
     let shape = Shape::new(1, 2, 1, 1);
     let mut y = vec![0.0; 2];
@@ -219,15 +220,16 @@ fn failed_calls_change_nothing() {
 
 #[test]
 fn num_features_zero_is_rejected() {
-    assert!(matches!(BatchNorm2d::<f64>::new(Config::new(0)), Err(Error::InvalidArgument(_))));
+    assert!(matches!(BatchNorm::<f64>::new(Kind::BatchNorm2d, Config::new(0)), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
 fn state_dict_round_trip_and_strict_errors() {
-    let mut a = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
+    let mut a = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(3)).unwrap();
     a.buffer_mut(Buffer::Weight).unwrap().copy_from_slice(&[1.0, 2.0, 3.0]);
-    let entries: Vec<(String, StateTensor)> = a.state_dict().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    let mut b = BatchNorm2d::<f32>::new(Config::new(3)).unwrap();
+    let entries: Vec<(String, StateTensor)> =
+        a.state_dict().unwrap().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut b = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(3)).unwrap();
     assert_eq!(b.load_state_dict(&entries, true).unwrap(), Default::default());
     assert_eq!(b.weight(), Some(&[1.0, 2.0, 3.0][..]));
 
@@ -263,4 +265,46 @@ fn every_rank_from_2_to_5_has_an_n_c_h_w_view() {
     assert_eq!(planes, Some((Shape::new(1, 5, 4, 7), [0, 28, 7, 1])));
     let error = Shape::view_of(&[5], &[1], Ranks::Any, "input").unwrap_err().to_string();
     assert_eq!(error, "expected input to be 2D to 5D (N, C, *), got 1D input of shape (5,)");
+}
+
+/// Every kind over every rank it takes, against the plain reference on the same values laid out
+/// as (N, C, 1, S); the ranks a kind does not take are errors naming the ones it does.
+#[test]
+fn every_kind_normalizes_every_rank_it_takes() {
+    let cases: [(Kind, &[usize], Ranks); 5] = [
+        (Kind::BatchNorm1d, &[6, 3], Ranks::Sequence),
+        (Kind::BatchNorm1d, &[4, 3, 7], Ranks::Sequence),
+        (Kind::BatchNorm2d, &[4, 3, 5, 6], Ranks::Planes),
+        (Kind::BatchNorm3d, &[2, 3, 4, 5, 6], Ranks::Volumes),
+        (Kind::BatchNorm3d, &[3, 3, 1, 2, 1], Ranks::Volumes),
+    ];
+    for (kind, dims, ranks) in cases {
+        let (n, c) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let x = data(n * c * spatial, 9, 4.0);
+        let (want, means, _) = scalar_forward(&x, Shape::new(n, c, 1, spatial), 1e-5);
+        let mut module = BatchNorm::<f64>::new(kind, Config::new(c)).unwrap();
+        let mut y = vec![0.0; x.len()];
+        module.forward(&TensorRef::contiguous_dims(&x, dims, ranks).unwrap(), &mut y).unwrap();
+        assert_close(&y, &want, 1e-10);
+        assert_close(module.saved().unwrap().mean(), &means, 1e-12);
+        let dy = data(x.len(), 10, 0.0);
+        let mut dx = vec![0.0; x.len()];
+        let (xr, dyr) = (
+            TensorRef::contiguous_dims(&x, dims, ranks).unwrap(),
+            TensorRef::contiguous_dims(&dy, dims, ranks).unwrap(),
+        );
+        module.backward(&xr, &dyr, &mut dx).unwrap();
+        // grad_input sums to zero over each channel when normalizing by batch statistics.
+        for channel in 0..c {
+            let total: f64 =
+                (0..n).flat_map(|i| (0..spatial).map(move |s| (i * c + channel) * spatial + s)).map(|k| dx[k]).sum();
+            assert!(total.abs() < 1e-9, "{kind:?} {dims:?}: Σ dx = {total}");
+        }
+    }
+    let mut bn1d = BatchNorm::<f32>::new(Kind::BatchNorm1d, Config::new(3)).unwrap();
+    let planes = vec![0.0f32; 2 * 3 * 4 * 4];
+    let err = bn1d.forward(&TensorRef::contiguous_dims(&planes, &[2, 3, 4, 4], Ranks::Planes).unwrap(), &mut [0.0; 96]);
+    assert!(matches!(err, Err(Error::Rank { .. })), "{err:?}");
+    assert_eq!(bn1d.num_batches_tracked(), Some(0));
 }

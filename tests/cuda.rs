@@ -2,8 +2,8 @@
 //! found, e.g. from pip's nvidia-cuda-nvrtc), and asking for a device says why there is none.
 //! With one: forward and backward agree with the CPU layer.
 
-use batchnorm::cuda::{self, CudaBatchNorm2d, DeviceBuffer, DeviceTensor, Stream};
-use batchnorm::{BatchNorm2d, Buffer, Config, Element, Shape, TensorRef};
+use batchnorm::cuda::{self, DeviceBuffer, DeviceTensor, Stream};
+use batchnorm::{BatchNorm, Buffer, Config, Element, Kind, Shape, TensorRef};
 
 /// Lets the library look where pip installs NVRTC, as the Python bindings do.
 fn add_python_search_roots() {
@@ -94,16 +94,20 @@ fn assert_close<T: Element>(a: &[T], b: &[T], tolerance: f64, what: &str) {
 fn agree_with_the_cpu<T: Element>(device: &std::sync::Arc<cuda::Device>, config: Config, shape: Shape, offset: usize) {
     let tolerance = if std::mem::size_of::<T>() == 4 { 2e-5 } else { 1e-11 };
     let what = format!("{} {config:?} {shape:?} offset {offset}", T::DTYPE);
-    let mut cpu = BatchNorm2d::<T>::new(config.clone()).unwrap();
-    if config.affine {
+    // Weight and bias away from 1 and 0, so a kernel ignoring them fails.
+    let module = || {
+        let mut module = BatchNorm::<T>::new(Kind::BatchNorm2d, config.clone()).unwrap();
         let weight: Vec<T> = values(shape.c, 3).iter().map(|&v| T::from_f64(f64::from(v) / 4.0)).collect();
-        cpu.buffer_mut(Buffer::Weight).unwrap().copy_from_slice(&weight);
-        if config.bias {
-            let bias: Vec<T> = values(shape.c, 4).iter().map(|&v| T::from_f64(f64::from(v) - 5.0)).collect();
-            cpu.buffer_mut(Buffer::Bias).unwrap().copy_from_slice(&bias);
+        let bias: Vec<T> = values(shape.c, 4).iter().map(|&v| T::from_f64(f64::from(v) - 5.0)).collect();
+        for (which, values) in [(Buffer::Weight, weight), (Buffer::Bias, bias)] {
+            if let Some(buffer) = module.buffer_mut(which) {
+                buffer.copy_from_slice(&values);
+            }
         }
-    }
-    let mut gpu = CudaBatchNorm2d::new(cpu.clone(), device).unwrap();
+        module
+    };
+    let (mut cpu, mut gpu) = (module(), module());
+    gpu.to_device(device).unwrap();
     let len = shape.numel();
     let arena = |seed: u64| -> DeviceBuffer<T> {
         let mut host = vec![T::ZERO; len + offset];
@@ -120,20 +124,15 @@ fn agree_with_the_cpu<T: Element>(device: &std::sync::Arc<cuda::Device>, config:
         let x = x_buffer.to_host().unwrap()[offset..].to_vec();
         let dy = dy_buffer.to_host().unwrap()[offset..].to_vec();
         let (mut y, mut dx) = (vec![T::ZERO; len], vec![T::ZERO; len]);
-        let saved = cpu.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
-        cpu.backward(
-            &saved,
-            &TensorRef::contiguous(&x, shape).unwrap(),
-            &TensorRef::contiguous(&dy, shape).unwrap(),
-            &mut dx,
-        )
-        .unwrap();
+        cpu.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
+        cpu.backward(&TensorRef::contiguous(&x, shape).unwrap(), &TensorRef::contiguous(&dy, shape).unwrap(), &mut dx)
+            .unwrap();
         let at = |buffer: &DeviceBuffer<T>| buffer.ptr() + (offset * std::mem::size_of::<T>()) as u64;
         // SAFETY: four live buffers of `offset + len` values on the layer's device.
         unsafe {
             let tensor = |buffer: &DeviceBuffer<T>| DeviceTensor::from_raw(at(buffer), shape);
-            gpu.forward(tensor(&x_buffer), tensor(&y_buffer), Stream::DEFAULT).unwrap();
-            gpu.backward(tensor(&x_buffer), tensor(&dy_buffer), tensor(&dx_buffer), Stream::DEFAULT).unwrap();
+            gpu.forward_on_device(tensor(&x_buffer), tensor(&y_buffer), Stream::DEFAULT).unwrap();
+            gpu.backward_on_device(tensor(&x_buffer), tensor(&dy_buffer), tensor(&dx_buffer), Stream::DEFAULT).unwrap();
         }
         gpu.synchronize().unwrap();
         assert_close(&y_buffer.to_host().unwrap()[offset..], &y, tolerance, &format!("y, step {step}, {what}"));
@@ -144,7 +143,8 @@ fn agree_with_the_cpu<T: Element>(device: &std::sync::Arc<cuda::Device>, config:
             &format!("dx, step {step}, {what}"),
         );
     }
-    let back = gpu.to_host().unwrap();
+    gpu.to_host().unwrap();
+    let back = &gpu;
     assert_eq!(back.num_batches_tracked(), cpu.num_batches_tracked(), "{what}");
     let buffers = [
         (back.running_mean(), cpu.running_mean(), "running_mean"),

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use batchnorm::cuda::{CudaBatchNorm2d, Device, DeviceBuffer, DeviceTensor, Stream};
-use batchnorm::{BatchNorm2d, Buffer, Config, Element, Shape, TensorRef};
+use batchnorm::cuda::{Device, DeviceBuffer, DeviceTensor, Stream};
+use batchnorm::{BatchNorm, Buffer, Config, Element, Kind, Shape, TensorRef};
 
 /// Compiles `sources` with the C++ compiler into `out`, with `flags` (`-shared -fPIC` for a library).
 fn compile(source: &str, out: &str, flags: &[&str]) -> PathBuf {
@@ -113,13 +113,17 @@ fn a_read_past_an_array_is_reported_under_address_sanitizer() {
     let device = emulator(8, 1).expect("the emulator loads");
     let shape = Shape::new(2, 3, 4, 4);
     let x: Vec<f32> = values(shape.numel() - 4, 1, 0.0);
-    let mut layer = CudaBatchNorm2d::new(BatchNorm2d::<f32>::new(Config::new(3)).unwrap(), &device).unwrap();
+    let mut layer = on_device(BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(3)).unwrap(), &device);
     let xb = DeviceBuffer::from_host(&device, &x).unwrap();
     let yb = DeviceBuffer::<f32>::unset(&device, shape.numel()).unwrap();
     // SAFETY: not safe, on purpose: the 4 values past `xb` are its guard, which AddressSanitizer
     // stops the process on (the emulator's memory is host memory).
     let _ = unsafe {
-        layer.forward(DeviceTensor::from_raw(xb.ptr(), shape), DeviceTensor::from_raw(yb.ptr(), shape), Stream::DEFAULT)
+        layer.forward_on_device(
+            DeviceTensor::from_raw(xb.ptr(), shape),
+            DeviceTensor::from_raw(yb.ptr(), shape),
+            Stream::DEFAULT,
+        )
     };
 }
 
@@ -129,7 +133,7 @@ fn a_read_past_an_array_is_reported_under_address_sanitizer() {
 fn memory_nobody_wrote_reads_as_nan() {
     let Some(device) = emulator(8, 1) else { return };
     let shape = Shape::new(2, 3, 4, 4);
-    let mut layer = CudaBatchNorm2d::new(BatchNorm2d::<f32>::new(Config::new(3)).unwrap(), &device).unwrap();
+    let mut layer = on_device(BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(3)).unwrap(), &device);
     let (xb, yb) = (
         DeviceBuffer::<f32>::unset(&device, shape.numel()).unwrap(),
         DeviceBuffer::<f32>::unset(&device, shape.numel()).unwrap(),
@@ -137,11 +141,16 @@ fn memory_nobody_wrote_reads_as_nan() {
     assert!(xb.to_host().unwrap().iter().all(|v| v.is_nan()));
     // SAFETY: two live buffers of `numel` values.
     unsafe {
-        layer.forward(DeviceTensor::from_raw(xb.ptr(), shape), DeviceTensor::from_raw(yb.ptr(), shape), Stream::DEFAULT)
+        layer.forward_on_device(
+            DeviceTensor::from_raw(xb.ptr(), shape),
+            DeviceTensor::from_raw(yb.ptr(), shape),
+            Stream::DEFAULT,
+        )
     }
     .unwrap();
     assert!(yb.to_host().unwrap().iter().all(|v| v.is_nan()));
-    let running_mean = layer.to_host().unwrap().buffer(Buffer::RunningMean).unwrap().to_vec();
+    layer.to_host().unwrap();
+    let running_mean = layer.buffer(Buffer::RunningMean).unwrap().to_vec();
     assert!(running_mean.iter().all(|v| v.is_nan()), "{running_mean:?}");
 }
 
@@ -163,13 +172,17 @@ fn a_write_outside_an_allocation_is_an_error() {
     let Some(device) = emulator(8, 1) else { return };
     let shape = Shape::new(2, 3, 4, 4);
     let x: Vec<f32> = values(shape.numel(), 1, 0.0);
-    let mut layer = CudaBatchNorm2d::new(BatchNorm2d::<f32>::new(Config::new(3)).unwrap(), &device).unwrap();
+    let mut layer = on_device(BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(3)).unwrap(), &device);
     let xb = DeviceBuffer::from_host(&device, &x).unwrap();
     let yb = DeviceBuffer::<f32>::zeroed(&device, x.len() - 4).unwrap();
     // The output tensor claims 4 values more than its buffer holds (as a wrong launcher would).
     // SAFETY: the emulator's memory is host memory, and the 4 extra values land in the guard.
     let error = unsafe {
-        layer.forward(DeviceTensor::from_raw(xb.ptr(), shape), DeviceTensor::from_raw(yb.ptr(), shape), Stream::DEFAULT)
+        layer.forward_on_device(
+            DeviceTensor::from_raw(xb.ptr(), shape),
+            DeviceTensor::from_raw(yb.ptr(), shape),
+            Stream::DEFAULT,
+        )
     }
     .unwrap_err();
     assert!(error.to_string().contains("wrote outside an allocation"), "{error}");
@@ -201,13 +214,13 @@ struct Step<T> {
 /// the input, grad_output and outputs `skip` elements into their buffers.
 fn run_device<T: Element + bytemuck::Pod>(
     device: &Arc<Device>,
-    host: &BatchNorm2d<T>,
+    host: &BatchNorm<T>,
     x: &[T],
     dy: &[T],
     shape: Shape,
     skip: usize,
 ) -> Step<T> {
-    let mut layer = CudaBatchNorm2d::new(host.clone(), device).unwrap();
+    let mut layer = on_device(host.try_clone().unwrap(), device);
     let buffer = |values: &[T]| {
         let mut padded = vec![T::ZERO; skip];
         padded.extend_from_slice(values);
@@ -222,35 +235,42 @@ fn run_device<T: Element + bytemuck::Pod>(
     // SAFETY: as above; every call is synchronous on the emulator.
     unsafe {
         for _ in 0..2 {
-            layer.forward(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
-            layer.backward(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
+            layer.forward_on_device(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
+            layer.backward_on_device(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
         }
     }
     let (y, dx) = (read(&yb), read(&dxb));
     layer.set_training(false);
     // SAFETY: as above.
     unsafe {
-        layer.forward(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
-        layer.backward(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
+        layer.forward_on_device(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
+        layer.backward_on_device(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
     }
-    let back = layer.to_host().unwrap();
+    layer.to_host().unwrap();
+    let back = &layer;
     let state = Buffer::ALL.iter().filter_map(|&which| Some((which, back.buffer(which)?.to_vec()))).collect();
     Step { y, dx, y_eval: read(&yb), dx_eval: read(&dxb), state }
 }
 
+/// `module` moved to `device`.
+fn on_device<T: Element>(mut module: BatchNorm<T>, device: &Arc<Device>) -> BatchNorm<T> {
+    module.to_device(device).unwrap();
+    module
+}
+
 /// The same steps on the CPU layer.
-fn run_cpu<T: Element>(host: &BatchNorm2d<T>, x: &[T], dy: &[T], shape: Shape) -> Step<T> {
-    let mut layer = host.clone();
+fn run_cpu<T: Element>(host: &BatchNorm<T>, x: &[T], dy: &[T], shape: Shape) -> Step<T> {
+    let mut layer = host.try_clone().unwrap();
     let (xr, dyr) = (TensorRef::contiguous(x, shape).unwrap(), TensorRef::contiguous(dy, shape).unwrap());
     let (mut y, mut dx) = (vec![T::ZERO; x.len()], vec![T::ZERO; x.len()]);
     for _ in 0..2 {
-        let saved = layer.forward(&xr, &mut y).unwrap();
-        layer.backward(&saved, &xr, &dyr, &mut dx).unwrap();
+        layer.forward(&xr, &mut y).unwrap();
+        layer.backward(&xr, &dyr, &mut dx).unwrap();
     }
     layer.set_training(false);
     let (mut y_eval, mut dx_eval) = (vec![T::ZERO; x.len()], vec![T::ZERO; x.len()]);
-    let saved = layer.forward(&xr, &mut y_eval).unwrap();
-    layer.backward(&saved, &xr, &dyr, &mut dx_eval).unwrap();
+    layer.forward(&xr, &mut y_eval).unwrap();
+    layer.backward(&xr, &dyr, &mut dx_eval).unwrap();
     let state = Buffer::ALL.iter().filter_map(|&which| Some((which, layer.buffer(which)?.to_vec()))).collect();
     Step { y, dx, y_eval, dx_eval, state }
 }
@@ -307,7 +327,7 @@ fn check<T: Element + bytemuck::Pod>(tolerance: f64, shapes: &[Shape]) {
     for &shape in shapes {
         let (x, dy) = (values::<T>(shape.numel(), 1, 5.0), values::<T>(shape.numel(), 2, 0.0));
         for config in configs(shape.c) {
-            let mut host = BatchNorm2d::<T>::new(config.clone()).unwrap();
+            let mut host = BatchNorm::<T>::new(Kind::BatchNorm2d, config.clone()).unwrap();
             if let Some(weight) = host.buffer_mut(Buffer::Weight) {
                 weight.copy_from_slice(&values::<T>(shape.c, 3, 1.0));
             }
@@ -353,7 +373,7 @@ fn every_kernel_matches_the_cpu_layer_in_float64() {
 fn block_order_never_changes_a_bit() {
     let shape = Shape::new(64, 2, 32, 32);
     let (x, dy) = (values::<f32>(shape.numel(), 5, 3.0), values::<f32>(shape.numel(), 6, 0.0));
-    let host = BatchNorm2d::<f32>::new(Config::new(shape.c)).unwrap();
+    let host = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(shape.c)).unwrap();
     for multiprocessors in [1, 8, 132] {
         let Some(first) = emulator(multiprocessors, 1) else { return };
         let reference = run_device(&first, &host, &x, &dy, shape, 0);

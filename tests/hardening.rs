@@ -5,13 +5,13 @@ mod common;
 
 use batchnorm::functional::{batch_norm, batch_norm_backward};
 use batchnorm::{
-    last_plan, set_num_threads, BatchNorm2d, Config, Error, PlanKind, SavedStats, Shape, TensorRef, Tuning,
+    last_plan, set_num_threads, BatchNorm, Config, Error, Kind, PlanKind, SavedStats, Shape, TensorRef, Tuning,
 };
 
 #[test]
 fn num_features_too_large_to_allocate_is_an_error() {
     for count in [usize::MAX, usize::MAX / 4, 1 << 62, 1_000_000_000_000] {
-        let error = BatchNorm2d::<f32>::new(Config::new(count)).unwrap_err();
+        let error = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(count)).unwrap_err();
         assert!(matches!(error, Error::Memory(_)), "{count}: {error}");
     }
 }
@@ -50,7 +50,7 @@ fn eps_follows_pytorch() {
     let error = batch_norm(&x, &mut y, Some(&mut mean), Some(&mut var), None, None, false, 0.1, -1e-5).unwrap_err();
     assert!(error.to_string().contains("non-negative"), "{error}");
     batch_norm(&x, &mut y, Some(&mut mean), Some(&mut var), None, None, false, 0.1, 0.0).unwrap();
-    let mut layer = BatchNorm2d::<f64>::new(Config { eps: 0.0, ..Config::new(1) }).unwrap();
+    let mut layer = BatchNorm::<f64>::new(Kind::BatchNorm2d, Config { eps: 0.0, ..Config::new(1) }).unwrap();
     assert!(layer.forward(&x, &mut y).is_err());
     assert_eq!(layer.num_batches_tracked(), Some(0), "a failed call changes nothing");
 }
@@ -61,7 +61,7 @@ fn nan_in_a_batch_reaches_the_running_variance() {
         let shape = Shape::new(1, 1, 1, values_per_channel);
         let mut x: Vec<f32> = (0..values_per_channel).map(|i| i as f32).collect();
         x[values_per_channel / 2] = f32::NAN;
-        let mut layer = BatchNorm2d::<f32>::new(Config::new(1)).unwrap();
+        let mut layer = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(1)).unwrap();
         let mut y = vec![0.0; x.len()];
         layer.forward(&TensorRef::contiguous(&x, shape).unwrap(), &mut y).unwrap();
         assert!(layer.running_var().unwrap()[0].is_nan(), "{values_per_channel} values");

@@ -4,14 +4,14 @@
 use std::path::PathBuf;
 
 use batchnorm::state_file::{self, FileDtype, RawTensor, TensorFile};
-use batchnorm::{BatchNorm2d, Config, ConfigOverrides, Error, Shape, TensorRef};
+use batchnorm::{BatchNorm, Config, ConfigOverrides, Error, Kind, Shape, TensorRef};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-fn trained(config: Config) -> BatchNorm2d<f64> {
-    let mut layer = BatchNorm2d::new(config).unwrap();
+fn trained(config: Config) -> BatchNorm<f64> {
+    let mut layer = BatchNorm::new(Kind::BatchNorm2d, config).unwrap();
     let shape = Shape::new(2, layer.config().num_features, 3, 3);
     let x: Vec<f64> = (0..shape.numel()).map(|i| (i * 37 % 11) as f64 - 4.0).collect();
     let mut y = vec![0.0; x.len()];
@@ -33,28 +33,31 @@ fn save_and_load_round_trip_every_configuration() {
         let layer = trained(config.clone());
         let path = folder.path().join("bn.safetensors");
         layer.save(&path).unwrap();
-        let loaded = BatchNorm2d::<f64>::from_file(&path, &ConfigOverrides::default()).unwrap();
+        let loaded = BatchNorm::<f64>::from_file(Kind::BatchNorm2d, &path, &ConfigOverrides::default()).unwrap();
         assert_eq!(loaded.config(), &config);
         assert_eq!(loaded.state_dict(), layer.state_dict());
         // Read as float32, values are cast.
-        let narrow = BatchNorm2d::<f32>::from_file(&path, &ConfigOverrides::default()).unwrap();
+        let narrow = BatchNorm::<f32>::from_file(Kind::BatchNorm2d, &path, &ConfigOverrides::default()).unwrap();
         assert_eq!(narrow.num_batches_tracked(), layer.num_batches_tracked());
     }
 }
 
 #[test]
 fn file_written_by_pytorch_loads_with_inferred_configuration() {
-    let layer = BatchNorm2d::<f32>::from_file(fixture("pytorch_bn8.safetensors"), &ConfigOverrides::default()).unwrap();
+    let layer =
+        BatchNorm::<f32>::from_file(Kind::BatchNorm2d, fixture("pytorch_bn8.safetensors"), &ConfigOverrides::default())
+            .unwrap();
     assert_eq!(layer.config(), &Config::new(8));
     assert_eq!(layer.num_batches_tracked(), Some(4));
     let overrides = ConfigOverrides { eps: Some(1e-3), ..Default::default() };
-    let layer = BatchNorm2d::<f32>::from_file(fixture("pytorch_bn8.safetensors"), &overrides).unwrap();
+    let layer = BatchNorm::<f32>::from_file(Kind::BatchNorm2d, fixture("pytorch_bn8.safetensors"), &overrides).unwrap();
     assert_eq!(layer.config().eps, 1e-3);
 }
 
 #[test]
 fn missing_file_is_an_io_error_with_its_kind() {
-    let err = BatchNorm2d::<f32>::from_file("/no/such/file.safetensors", &ConfigOverrides::default()).unwrap_err();
+    let err = BatchNorm::<f32>::from_file(Kind::BatchNorm2d, "/no/such/file.safetensors", &ConfigOverrides::default())
+        .unwrap_err();
     assert!(matches!(err, Error::Io { kind: std::io::ErrorKind::NotFound, .. }), "{err}");
 }
 
@@ -80,7 +83,7 @@ fn plain_tensor_files_round_trip() {
 
 #[test]
 fn corrupted_bytes_never_panic() {
-    let valid = state_file::serialize(&trained(Config::new(4)).to_tensor_file()).unwrap();
+    let valid = state_file::serialize(&trained(Config::new(4)).to_tensor_file().unwrap()).unwrap();
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
         state ^= state << 13;
@@ -99,7 +102,7 @@ fn corrupted_bytes_never_panic() {
         }
         if let Ok(file) = state_file::deserialize(&bytes) {
             // Whatever parses must either build a layer or say why not.
-            let _ = BatchNorm2d::<f32>::from_tensor_file(&file, &ConfigOverrides::default());
+            let _ = BatchNorm::<f32>::from_tensor_file(Kind::BatchNorm2d, &file, &ConfigOverrides::default());
         }
     }
 }

@@ -92,3 +92,37 @@ def test_cumulative_average_is_mean_of_batch_statistics(steps, seed):
         m(x), ref.forward(x)
         means.append(x.mean(axis=(0, 2, 3)))
     np.testing.assert_allclose(m.running_mean, np.mean(means, axis=0), rtol=1e-12, atol=1e-12)
+
+
+FAMILY = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    dims=st.integers(2, 5).flatmap(
+        lambda rank: st.tuples(st.integers(2, 4), st.integers(1, 4), *[st.integers(1, 4)] * (rank - 2))
+    ),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    config=configs,
+    transpose=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_every_rank_of_the_family_and_the_functional_api_matches_the_reference(dims, dtype, config, transpose, seed):
+    """Ranks 2 to 5 through their class and through batchnorm.functional, in C order or as a view with
+    its last two axes swapped, against the reference on the same values laid out as (N, C, 1, S)."""
+    rng = np.random.default_rng(seed)
+    c = dims[1]
+    m, ref = FAMILY[len(dims)](c, dtype=dtype, **config), ReferenceBatchNorm2d(c, **config)
+    x = (rng.standard_normal(dims) * 2 + rng.uniform(-3, 3)).astype(dtype)
+    if transpose and len(dims) > 2:
+        x = np.ascontiguousarray(np.swapaxes(x, -1, -2)).swapaxes(-1, -2)  # same values, other strides
+    planes = (dims[0], c, 1, -1)
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    y = m(x)
+    np.testing.assert_allclose(y.reshape(planes), ref.forward(x.reshape(planes)), rtol=rtol, atol=rtol)
+    dy = rng.standard_normal(dims).astype(dtype)
+    np.testing.assert_allclose(m.backward(dy).reshape(planes), ref.backward(dy.reshape(planes)), rtol=rtol, atol=rtol)
+    mean, var = np.zeros(c, dtype), np.ones(c, dtype)
+    functional = batchnorm.functional.batch_norm(x, mean, var, training=True, momentum=0.1, eps=config["eps"])
+    expected = ReferenceBatchNorm2d(c, eps=config["eps"], affine=False).forward(x.reshape(planes))
+    np.testing.assert_allclose(functional.reshape(planes), expected, rtol=rtol, atol=rtol)

@@ -175,7 +175,7 @@ impl Device {
             library::check_versions(library::nvrtc_version()?, driver)?;
         }
         let context = CudaContext::new(ordinal).map_err(|e| driver_error("context creation", e))?;
-        // This crate orders its work with its own events (see `layer.rs`), on streams it borrows.
+        // This crate orders its work with its own events (see `arrays.rs`), on streams it borrows.
         // SAFETY: no CudaSlice of this context is ever created.
         unsafe { context.disable_event_tracking() };
         let name = context.name().map_err(|e| driver_error("device name", e))?;

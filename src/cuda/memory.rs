@@ -10,7 +10,7 @@ use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
 use super::device::{driver_error, Backend, Device, Emulator, GUARD, GUARD_BYTE};
 use crate::element::Element;
 use crate::error::Result;
-use crate::shape::Shape;
+use crate::shape::{Dims, Ranks, Shape};
 
 /// A CUDA stream this crate borrows: it never creates or destroys one. Work is queued on it and
 /// ordered after whatever the stream's owner queued before.
@@ -44,6 +44,7 @@ impl Stream {
 pub struct DeviceTensor<T> {
     ptr: u64,
     shape: Shape,
+    dims: Dims,
     element: PhantomData<T>,
 }
 
@@ -52,13 +53,26 @@ impl<T: Element> DeviceTensor<T> {
     /// `ptr` must address `shape.numel()` values of `T` on the device it is used with, alive
     /// (and, for an output, written by nothing else) until the work queued on it has finished.
     pub unsafe fn from_raw(ptr: u64, shape: Shape) -> Self {
-        DeviceTensor { ptr, shape, element: PhantomData }
+        DeviceTensor { ptr, shape, dims: shape.as_dims(), element: PhantomData }
+    }
+
+    /// A C-contiguous tensor of `dims` (N, C, *), read as `ranks` says.
+    ///
+    /// # Safety
+    /// As [`Self::from_raw`].
+    pub unsafe fn contiguous(ptr: u64, dims: &[usize], ranks: Ranks) -> Result<Self> {
+        let shape = Shape::of_contiguous(dims, ranks, "input")?;
+        Ok(DeviceTensor { ptr, shape, dims: Dims::new(dims, ranks), element: PhantomData })
     }
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+    /// The dimensions as the caller gave them.
+    pub fn dims(&self) -> Dims {
+        self.dims
     }
 }
 
@@ -307,6 +321,12 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
 
     pub fn ptr(&self) -> u64 {
         self.ptr
+    }
+    /// The buffer as a C-contiguous tensor of `dims`, as they were read.
+    pub fn tensor(&self, dims: Dims) -> Result<DeviceTensor<T>> {
+        let shape = Shape::of_contiguous(dims.as_slice(), dims.read_as(), "input")?;
+        crate::checks::check_output_len(shape, self.len)?;
+        Ok(DeviceTensor { ptr: self.ptr, shape, dims, element: PhantomData })
     }
     pub fn len(&self) -> usize {
         self.len

@@ -1,8 +1,8 @@
-//! The CUDA backend (feature `cuda`): the same layer on an NVIDIA GPU.
+//! The CUDA backend (feature `cuda`): the same module with its arrays on an NVIDIA GPU.
 //!
 //! Where things are:
-//! - the layer, [`CudaBatchNorm2d`] (`layer.rs`): state on the device, semantics of
-//!   [`crate::BatchNorm2d`], work ordered across streams with events;
+//! - a module's arrays on a device, [`DeviceArrays`] (`arrays.rs`), held by [`crate::BatchNorm`]
+//!   while it is on a device, with the work on them ordered across streams by events;
 //! - **the CUDA training forward is [`forward::train`]** (`forward.rs`), eval beside it; the
 //!   backward is `backward.rs`; both launch the kernels of `kernels.cu`, which sit next to the
 //!   CPU versions they must match (`src/cpu/forward.rs`, `src/cpu/backward.rs`);
@@ -16,14 +16,14 @@
 //! Nothing here links against CUDA: the driver and NVRTC are opened at run time, so a build with
 //! this feature runs on a machine without a GPU, where [`device`] returns an error saying so.
 
+mod arrays;
 mod backward;
 mod device;
 pub mod forward;
 mod launch;
-mod layer;
 pub mod library;
 mod memory;
 
+pub use arrays::DeviceArrays;
 pub use device::{compile, device, device_count, Device};
-pub use layer::CudaBatchNorm2d;
 pub use memory::{copy_to_host, device_of_pointer, DeviceBuffer, DeviceTensor, Event, Stream};

@@ -11,9 +11,10 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::{lock, output, type_name, typed_array, Dtype, Float, Layer, PyBatchNorm2d, Saved, Span};
-use crate::cuda::{self, CudaBatchNorm2d, Device, DeviceBuffer, DeviceTensor, Event, Stream};
+use super::{array_span, output, type_name, typed_array, Dtype, Float, PyBatchNorm, Saved};
+use crate::cuda::{self, Device, DeviceBuffer, DeviceTensor, Event, Stream};
 use crate::error::{shape_str, Error, Result};
+use crate::BatchNorm;
 use crate::Buffer;
 use crate::Element;
 
@@ -132,6 +133,28 @@ pub(crate) struct GpuArray {
 }
 
 impl GpuArray {
+    /// The same array, holding its owner once more.
+    pub(crate) fn clone_ref(&self, py: Python<'_>) -> GpuArray {
+        GpuArray {
+            ptr: self.ptr,
+            shape: self.shape.clone(),
+            dtype: self.dtype.clone(),
+            device: self.device,
+            readonly: self.readonly,
+            producer: self.producer,
+            owner: self.owner.clone_ref(py),
+        }
+    }
+
+    /// The array as a tensor of a module reading its dims as `ranks` says.
+    ///
+    /// # Safety
+    /// The array must stay alive until the work queued on the tensor has finished.
+    unsafe fn tensor<T: Element>(&self, ranks: crate::Ranks) -> Result<DeviceTensor<T>> {
+        // SAFETY: the caller's guarantee; `import` checked the array C-contiguous.
+        unsafe { DeviceTensor::contiguous(self.ptr, &self.shape, ranks) }
+    }
+
     pub(crate) fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -682,84 +705,28 @@ impl Dtype {
     }
 }
 
-/// A module's state on a GPU, of either dtype.
-pub(crate) enum GpuLayer {
-    F32(CudaBatchNorm2d<f32>),
-    F64(CudaBatchNorm2d<f64>),
+/// A DeviceArray over one of a GPU module's (C,) arrays. It holds that array's device buffer, not
+/// the module, so it stays valid after the module moves, and frees it when it goes.
+pub(crate) fn view<'py, T: Float>(
+    owner: &Bound<'py, PyBatchNorm>,
+    module: &BatchNorm<T>,
+    which: Buffer,
+    dtype: Dtype,
+) -> Option<Bound<'py, PyAny>> {
+    let buffer = module.device_buffer(which)?;
+    let (ptr, device) = (buffer.ptr(), buffer.device().clone());
+    let channels = module.config().num_features;
+    // Ready in the order of the stream the module's last work went to: a consumer is ordered
+    // after that work (through __dlpack__'s stream or the interface's).
+    let array = DeviceArray::borrowed(Box::new(buffer), ptr, &[channels], dtype, &device, module.last_stream());
+    Bound::new(owner.py(), array).ok().map(Bound::into_any)
 }
 
-macro_rules! with_gpu {
-    ($layer:expr, $l:ident => $body:expr) => {
-        match $layer {
-            GpuLayer::F32($l) => $body,
-            GpuLayer::F64($l) => $body,
-        }
-    };
-}
-
-impl GpuLayer {
-    /// `host` copied to GPU `ordinal` (whose kernels are compiled on first use).
-    pub(crate) fn new(host: Layer, ordinal: usize) -> Result<GpuLayer> {
-        let device = cuda::device(ordinal)?;
-        Ok(match host {
-            Layer::F32(l) => GpuLayer::F32(CudaBatchNorm2d::new(l, &device)?),
-            Layer::F64(l) => GpuLayer::F64(CudaBatchNorm2d::new(l, &device)?),
-        })
-    }
-    pub(crate) fn device(&self) -> &Arc<Device> {
-        with_gpu!(self, l => l.device())
-    }
-    pub(crate) fn to_host(&self) -> Result<Layer> {
-        Ok(match self {
-            GpuLayer::F32(l) => Layer::F32(l.to_host()?),
-            GpuLayer::F64(l) => Layer::F64(l.to_host()?),
-        })
-    }
-    pub(crate) fn set_host(&mut self, host: Layer) -> Result<()> {
-        match (self, host) {
-            (GpuLayer::F32(l), Layer::F32(h)) => l.set_host(h),
-            (GpuLayer::F64(l), Layer::F64(h)) => l.set_host(h),
-            _ => Err(Error::InvalidArgument("a module's dtype cannot change".into())),
-        }
-    }
-    pub(crate) fn is_training(&self) -> bool {
-        with_gpu!(self, l => l.is_training())
-    }
-    pub(crate) fn set_training(&mut self, training: bool) {
-        with_gpu!(self, l => l.set_training(training))
-    }
-    pub(crate) fn num_batches_tracked(&self) -> Option<i64> {
-        with_gpu!(self, l => l.num_batches_tracked())
-    }
-
-    /// A DeviceArray over one of the module's (C,) arrays. It holds that array's device buffer,
-    /// not the layer, so it stays valid after the module moves and frees it when it goes.
-    pub(crate) fn view<'py>(
-        &self,
-        module: &Bound<'py, PyBatchNorm2d>,
-        which: Buffer,
-        dtype: Dtype,
-    ) -> Option<Bound<'py, PyAny>> {
-        let (ptr, owner, stream): (u64, Box<dyn std::any::Any + Send + Sync>, Stream) = with_gpu!(self, l => {
-            let buffer = l.buffer_owner(which)?;
-            (buffer.ptr(), Box::new(buffer), l.last_stream())
-        });
-        let channels = module.get().config.num_features;
-        // Ready in the order of the stream the module's last work went to: a consumer is ordered
-        // after that work (through __dlpack__'s stream or the interface's).
-        let array = DeviceArray::borrowed(owner, ptr, &[channels], dtype, self.device(), stream);
-        Bound::new(module.py(), array).ok().map(Bound::into_any)
-    }
-}
-
-/// The module's GPU layer of element type `T`.
-fn typed_gpu<T: Float>(layer: &mut Option<GpuLayer>) -> Result<&mut CudaBatchNorm2d<T>> {
-    layer.as_mut().and_then(T::gpu_mut).ok_or_else(|| Error::Cuda("the module is not on a GPU".into()))
-}
-
-fn module_device(module: &PyBatchNorm2d, py: Python<'_>) -> Result<Arc<Device>> {
-    let state = lock(py, &module.layer);
-    state.gpu.as_ref().map(|gpu| gpu.device().clone()).ok_or_else(|| Error::Cuda("the module is not on a GPU".into()))
+/// The device of a module on a GPU.
+fn module_device(module: &PyBatchNorm, py: Python<'_>) -> Result<Arc<Device>> {
+    let state = module.state(py);
+    let device = with_module!(&state.module, m: _T => m.device().cloned());
+    device.ok_or_else(|| Error::Cuda("the module is not on a GPU".into()))
 }
 
 /// `value` itself, or a host copy of it when it is a GPU array (to assign a parameter from one).
@@ -819,11 +786,6 @@ fn gpu_output<'py, T: Float>(
     Ok((out.clone(), target.ptr, target.producer))
 }
 
-/// The (N, C, H, W) shape of a C-contiguous GPU array of a module accepting `ranks`.
-fn shape_of(array: &GpuArray, what: &'static str, ranks: crate::Ranks) -> Result<crate::Shape> {
-    crate::Shape::of_contiguous(&array.shape, ranks, what)
-}
-
 /// A NumPy call on a GPU module: the array goes to the device and the result comes back (a
 /// convenience, not the fast path), into `out=` when given.
 fn through_device<'py, T: Float>(
@@ -836,7 +798,7 @@ fn through_device<'py, T: Float>(
     run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let host = typed_array::<T>(value, what)?;
-    let target = output::<T>(py, out, host.shape(), &[Span::of_array("the input", host.as_untyped())])?;
+    let target = output::<T>(py, out, host.shape(), &[array_span("the input", host.as_untyped())])?;
     let staged = upload(py, device, &host, dtype)?;
     let result = run(staged.as_any())?.call_method0("numpy")?;
     py.import("numpy")?.call_method1("copyto", (&target, result))?;
@@ -893,7 +855,7 @@ fn after_call(
 
 /// The forward of a module on a GPU, on `stream` (or the `default_stream`).
 pub(crate) fn forward<'py, T: Float>(
-    module: &Bound<'py, PyBatchNorm2d>,
+    module: &Bound<'py, PyBatchNorm>,
     input: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
     stream: Option<Stream>,
@@ -913,25 +875,24 @@ pub(crate) fn forward<'py, T: Float>(
     };
     let x = import(input, "input", stream)?;
     x.check("input", this.dtype, device.ordinal())?;
-    let shape = shape_of(&x, "input", this.ranks)?;
     let (y, y_ptr, y_producer) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x], stream)?;
-    {
-        let mut state = lock(py, &this.layer);
-        let layer = typed_gpu::<T>(&mut state.gpu)?;
-        // SAFETY: both arrays were checked to be C-contiguous, of `shape`, on the layer's device;
-        // both stay alive until the kernels are done (`after_call`).
-        unsafe { layer.forward(DeviceTensor::from_raw(x.ptr, shape), DeviceTensor::from_raw(y_ptr, shape), stream)? };
-        let done = layer.last_event();
-        after_call(&mut state, done, stream, &[x.producer, y_producer], &y, vec![x.owner.clone_ref(py)])?;
-    }
-    *lock(py, &this.saved) =
-        Some(Saved::Gpu { ptr: x.ptr, dims: x.shape.clone(), producer: x.producer, _input: x.owner });
+    let y_array =
+        GpuArray { ptr: y_ptr, readonly: false, producer: None, owner: y.clone().unbind(), ..x.clone_ref(py) };
+    let mut state = this.state(py);
+    let module = state.module.typed::<T>()?;
+    let ranks = module.kind().ranks();
+    // SAFETY: both arrays were checked to be C-contiguous, of one shape, on the module's device;
+    // both stay alive until the kernels are done (`after_call`).
+    unsafe { module.forward_on_device(x.tensor(ranks)?, y_array.tensor(ranks)?, stream)? };
+    let done = module.last_event();
+    after_call(&mut state, done, stream, &[x.producer, y_producer], &y, vec![x.owner.clone_ref(py)])?;
+    state.saved = Some(Saved::Gpu(x));
     Ok(y)
 }
 
 /// The backward of a module on a GPU, on `stream` (or the `default_stream`).
 pub(crate) fn backward<'py, T: Float>(
-    module: &Bound<'py, PyBatchNorm2d>,
+    module: &Bound<'py, PyBatchNorm>,
     grad_output: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
     stream: Option<Stream>,
@@ -939,8 +900,8 @@ pub(crate) fn backward<'py, T: Float>(
     let py = module.py();
     let this = module.get();
     let device = module_device(this, py)?;
-    let (x_ptr, dims, x_producer, input) = match lock(py, &this.saved).as_ref() {
-        Some(Saved::Gpu { ptr, dims, producer, _input }) => (*ptr, dims.clone(), *producer, _input.clone_ref(py)),
+    let x = match &this.state(py).saved {
+        Some(Saved::Gpu(x)) => x.clone_ref(py),
         _ => return Err(Error::NoForward.into()),
     };
     if grad_output.cast::<numpy::PyUntypedArray>().is_ok() {
@@ -955,37 +916,15 @@ pub(crate) fn backward<'py, T: Float>(
     };
     let dy = import(grad_output, "grad_output", stream)?;
     dy.check("grad_output", this.dtype, device.ordinal())?;
-    if dy.shape != dims {
-        return Err(Error::ShapeMismatch {
-            what: "grad_output (the forward output's shape)".into(),
-            expected: dims,
-            got: dy.shape.clone(),
-        }
-        .into());
-    }
-    let shape = shape_of(&dy, "grad_output", this.ranks)?;
-    let x = GpuArray {
-        ptr: x_ptr,
-        shape: dims,
-        dtype: Ok(this.dtype),
-        device: device.ordinal(),
-        readonly: true,
-        producer: x_producer,
-        owner: input,
-    };
     let (dx, dx_ptr, dx_producer) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x, &dy], stream)?;
-    let mut state = lock(py, &this.layer);
-    let layer = typed_gpu::<T>(&mut state.gpu)?;
-    // SAFETY: as in `forward`; `x` is the last forward's input.
-    unsafe {
-        layer.backward(
-            DeviceTensor::from_raw(x.ptr, shape),
-            DeviceTensor::from_raw(dy.ptr, shape),
-            DeviceTensor::from_raw(dx_ptr, shape),
-            stream,
-        )?
-    };
-    let done = layer.last_event();
+    let dx_array =
+        GpuArray { ptr: dx_ptr, readonly: false, producer: None, owner: dx.clone().unbind(), ..x.clone_ref(py) };
+    let mut state = this.state(py);
+    let module = state.module.typed::<T>()?;
+    let ranks = module.kind().ranks();
+    // SAFETY: as in `forward`; `x` is the last forward's input, kept alive by `saved`.
+    unsafe { module.backward_on_device(x.tensor(ranks)?, dy.tensor(ranks)?, dx_array.tensor(ranks)?, stream)? };
+    let done = module.last_event();
     after_call(&mut state, done, stream, &[x.producer, dy.producer, dx_producer], &dx, vec![x.owner, dy.owner])?;
     Ok(dx)
 }

@@ -15,13 +15,11 @@ use std::path::PathBuf;
 
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
-#[cfg(feature = "cuda")]
-mod cuda;
-
+use crate::checks::{check_disjoint, extent, Owner, Span};
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
-    BatchNorm2d, Buffer, Config, ConfigOverrides, Element, Error, Ranks, Result, Shape, StateTensor, StateValues,
+    BatchNorm, Buffer, Config, ConfigOverrides, Element, Error, Kind, Ranks, Result, Shape, StateTensor, StateValues,
     TensorRef,
 };
 
@@ -75,88 +73,85 @@ impl From<Error> for PyErr {
 
 /// The float types a module can hold, with the numpy glue each needs.
 pub(crate) trait Float: Element + NpElement {
-    fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<Self>>;
-    #[cfg(feature = "cuda")]
-    fn gpu_mut(layer: &mut cuda::GpuLayer) -> Option<&mut crate::cuda::CudaBatchNorm2d<Self>>;
+    fn typed(module: &mut AnyModule) -> Option<&mut BatchNorm<Self>>;
 }
 
-/// The layer of element type `T`; the bindings only ever ask for the module's own dtype.
-fn typed<T: Float>(layer: &mut Layer) -> Result<&mut BatchNorm2d<T>> {
-    T::layer_mut(layer).ok_or_else(|| Error::DType {
-        what: "module".into(),
-        expected: T::DTYPE.into(),
-        got: "another dtype".into(),
-    })
+impl Float for f32 {
+    fn typed(module: &mut AnyModule) -> Option<&mut BatchNorm<f32>> {
+        match module {
+            AnyModule::F32(m) => Some(m),
+            AnyModule::F64(_) => None,
+        }
+    }
 }
 
-#[derive(Clone)]
-pub(crate) enum Layer {
-    F32(BatchNorm2d<f32>),
-    F64(BatchNorm2d<f64>),
+impl Float for f64 {
+    fn typed(module: &mut AnyModule) -> Option<&mut BatchNorm<f64>> {
+        match module {
+            AnyModule::F64(m) => Some(m),
+            AnyModule::F32(_) => None,
+        }
+    }
 }
 
-impl Layer {
-    /// Copies `other`'s state into this layer's own buffers (see [`BatchNorm2d::copy_state_from`]).
-    fn copy_state_from(&mut self, other: &Layer) -> Result<()> {
+/// A module of either element type: the one place the binding tells the two apart.
+pub(crate) enum AnyModule {
+    F32(BatchNorm<f32>),
+    F64(BatchNorm<f64>),
+}
+
+/// Runs `$body` with `$m` bound to the typed module and `$t` to its element type.
+macro_rules! with_module {
+    ($module:expr, $m:ident : $t:ident => $body:expr) => {
+        match $module {
+            $crate::python::AnyModule::F32($m) => {
+                #[allow(dead_code)]
+                type $t = f32;
+                $body
+            }
+            $crate::python::AnyModule::F64($m) => {
+                #[allow(dead_code)]
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+
+// After `with_module`, which it uses.
+#[cfg(feature = "cuda")]
+mod cuda;
+
+impl AnyModule {
+    fn new(kind: Kind, config: Config, dtype: Dtype) -> Result<AnyModule> {
+        Ok(match dtype {
+            Dtype::F32 => AnyModule::F32(BatchNorm::new(kind, config)?),
+            Dtype::F64 => AnyModule::F64(BatchNorm::new(kind, config)?),
+        })
+    }
+
+    /// The module of element type `T`; the bindings only ever ask for the module's own dtype.
+    fn typed<T: Float>(&mut self) -> Result<&mut BatchNorm<T>> {
+        T::typed(self).ok_or_else(|| Error::DType {
+            what: "module".into(),
+            expected: T::DTYPE.into(),
+            got: "another dtype".into(),
+        })
+    }
+
+    /// Copies `other`'s state into this module's own arrays (see [`BatchNorm::copy_state_from`]).
+    fn copy_state_from(&mut self, other: &AnyModule) -> Result<()> {
         match (self, other) {
-            (Layer::F32(into), Layer::F32(from)) => into.copy_state_from(from),
-            (Layer::F64(into), Layer::F64(from)) => into.copy_state_from(from),
+            (AnyModule::F32(into), AnyModule::F32(from)) => into.copy_state_from(from),
+            (AnyModule::F64(into), AnyModule::F64(from)) => into.copy_state_from(from),
             (into, _) => {
-                let dtype = if matches!(into, Layer::F32(_)) { f32::DTYPE } else { f64::DTYPE };
+                let dtype = if matches!(into, AnyModule::F32(_)) { f32::DTYPE } else { f64::DTYPE };
                 Err(Error::InvalidArgument(format!(
                     "cannot load a state of another dtype into a module of dtype {dtype}"
                 )))
             }
         }
     }
-}
-
-impl Float for f32 {
-    fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<f32>> {
-        match layer {
-            Layer::F32(l) => Some(l),
-            Layer::F64(_) => None,
-        }
-    }
-    #[cfg(feature = "cuda")]
-    fn gpu_mut(layer: &mut cuda::GpuLayer) -> Option<&mut crate::cuda::CudaBatchNorm2d<f32>> {
-        match layer {
-            cuda::GpuLayer::F32(l) => Some(l),
-            cuda::GpuLayer::F64(_) => None,
-        }
-    }
-}
-
-impl Float for f64 {
-    fn layer_mut(layer: &mut Layer) -> Option<&mut BatchNorm2d<f64>> {
-        match layer {
-            Layer::F64(l) => Some(l),
-            Layer::F32(_) => None,
-        }
-    }
-    #[cfg(feature = "cuda")]
-    fn gpu_mut(layer: &mut cuda::GpuLayer) -> Option<&mut crate::cuda::CudaBatchNorm2d<f64>> {
-        match layer {
-            cuda::GpuLayer::F64(l) => Some(l),
-            cuda::GpuLayer::F32(_) => None,
-        }
-    }
-}
-
-/// Runs `$body` with `$l` bound to the typed layer and `$t` to its element type.
-macro_rules! with_layer {
-    ($layer:expr, $l:ident : $t:ident => $body:expr) => {
-        match $layer {
-            Layer::F32($l) => {
-                type $t = f32;
-                $body
-            }
-            Layer::F64($l) => {
-                type $t = f64;
-                $body
-            }
-        }
-    };
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -255,88 +250,29 @@ fn is_writeable(array: &Bound<'_, PyUntypedArray>) -> bool {
     flags(array) & NPY_ARRAY_WRITEABLE != 0
 }
 
-/// Whose memory a [`Span`] is, for error messages; named without allocating, since every call
-/// builds these.
-#[derive(Clone, Copy, Debug)]
-enum Owner {
-    Argument(&'static str),
-    Module(Buffer),
-}
-
-impl std::fmt::Display for Owner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Owner::Argument(what) => f.write_str(what),
-            Owner::Module(buffer) => write!(f, "the module's {}", buffer.name()),
-        }
-    }
-}
-
-/// The bytes an array or a module's buffer occupies.
-#[derive(Clone, Copy, Debug)]
-struct Span {
-    owner: Owner,
-    start: usize,
-    end: usize,
-}
-
-/// The lowest and highest element offsets (in strides' units) a strided array reaches from its
-/// first element.
-fn extent(dims: &[usize], strides: &[isize]) -> (isize, isize) {
-    let (mut low, mut high) = (0, 0);
-    for (&dim, &stride) in dims.iter().zip(strides) {
-        let reach = (dim as isize - 1) * stride;
-        if reach < 0 {
-            low += reach
-        } else {
-            high += reach
-        }
-    }
-    (low, high)
-}
-
-impl Span {
-    fn of_array(what: &'static str, array: &Bound<'_, PyUntypedArray>) -> Span {
-        // SAFETY: reading a field of a live array object.
-        let base = unsafe { (*array.as_array_ptr()).data } as usize;
-        let owner = Owner::Argument(what);
-        if array.len() == 0 {
-            return Span { owner, start: base, end: base };
-        }
-        let (low, high) = extent(array.shape(), array.strides());
-        let item = array.dtype().itemsize();
-        Span { owner, start: base.wrapping_add_signed(low), end: base.wrapping_add_signed(high) + item }
-    }
-
-    fn of_slice<T>(owner: Owner, data: &[T]) -> Span {
-        let range = data.as_ptr_range();
-        Span { owner, start: range.start as usize, end: range.end as usize }
-    }
-
-    fn overlaps(&self, other: &Span) -> bool {
-        self.start < other.end && other.start < self.end
-    }
+/// The bytes a NumPy array occupies.
+fn array_span(what: &'static str, array: &Bound<'_, PyUntypedArray>) -> Span {
+    // SAFETY: reading a field of a live array object.
+    let base = unsafe { (*array.as_array_ptr()).data } as usize;
+    Span::strided(Owner::Argument(what), base, array.shape(), array.strides(), array.dtype().itemsize())
 }
 
 /// The memory of each of the call's arguments that is a NumPy array.
 fn spans_of(arguments: &[(&'static str, Option<&Bound<'_, PyAny>>)]) -> Vec<Span> {
     let arrays =
         arguments.iter().filter_map(|(what, value)| Some((what, value.as_ref()?.cast::<PyUntypedArray>().ok()?)));
-    arrays.map(|(&what, array)| Span::of_array(what, array)).collect()
+    arrays.map(|(&what, array)| array_span(what, array)).collect()
 }
 
 /// The memory of every array a module holds: no array a call writes may overlap it.
-fn module_spans(layer: &Layer) -> Vec<Span> {
-    with_layer!(layer, l: _T => Buffer::ALL
-        .iter()
-        .filter_map(|&b| l.storage(b).map(|data| Span::of_slice(Owner::Module(b), data)))
-        .collect())
+fn module_spans(module: &AnyModule) -> Vec<Span> {
+    with_module!(module, m: _T => m.host_spans().collect())
 }
 
 /// `array` itself, or a copy of it when it shares memory with any of `spans` (memory the call
 /// writes): the kernels then never read what they write.
 fn detached<'py, T: Float>(array: Bound<'py, PyArrayDyn<T>>, spans: &[Span]) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    let span = Span::of_array("", array.as_untyped());
+    let span = array_span("", array.as_untyped());
     if !spans.iter().any(|s| s.overlaps(&span)) {
         return Ok(array);
     }
@@ -363,24 +299,18 @@ fn viewable<'py, T: Float>(
     Ok(numpy.call_method1("ascontiguousarray", (&array,))?.cast_into::<PyArrayDyn<T>>()?)
 }
 
-/// The (N, C, H, W) view of an array that `viewable` returned, its ranks read as `ranks` says
-/// (see `Shape::view_of`), borrowed for as long as the array is.
-fn view_of<'a, T: Float>(
-    array: &'a Bound<'_, PyArrayDyn<T>>,
-    what: &'static str,
-    ranks: Ranks,
-) -> Result<TensorRef<'a, T>> {
-    let Some((shape, strides)) = Shape::view_of(array.shape(), &element_strides(array), ranks, what)? else {
-        return Err(Error::InvalidArgument(format!("{what} cannot be viewed in place: pass it through `viewable`")));
-    };
-    if shape.numel() == 0 {
-        return TensorRef::strided(&[], 0, shape, strides);
+/// The view of an array that `viewable` returned, its dims read as `ranks` says (see
+/// `Shape::view_of`), borrowed for as long as the array is.
+fn view_of<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, ranks: Ranks) -> Result<TensorRef<'a, T>> {
+    let strides = element_strides(array);
+    if array.is_empty() {
+        return TensorRef::new(&[], 0, array.shape(), &strides, ranks);
     }
-    let (low, high) = extent(&shape.dims(), &strides);
+    let (low, high) = extent(array.shape(), &strides);
     // SAFETY: `readable` guaranteed alignment and whole-element strides, so every element of the
     // array lies in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
     let data = unsafe { std::slice::from_raw_parts(array.data().offset(low), (high - low + 1) as usize) };
-    TensorRef::strided(data, (-low) as usize, shape, strides)
+    TensorRef::new(data, (-low) as usize, array.shape(), &strides, ranks)
 }
 
 /// Where a result goes: a fresh C-contiguous array, or the caller's `out=` after checking it.
@@ -407,10 +337,7 @@ fn output<'py, T: Float>(
     if !is_writeable(array.as_untyped()) {
         return Err(Error::BadOutput("out must be writeable, got a read-only array".into()).into());
     }
-    let span = Span::of_array("out", array.as_untyped());
-    if let Some(other) = others.iter().find(|other| other.overlaps(&span)) {
-        return Err(Error::BadOutput(format!("out must not share memory with {}", other.owner)).into());
-    }
+    check_disjoint(&array_span("out", array.as_untyped()), others)?;
     Ok(array)
 }
 
@@ -437,55 +364,66 @@ fn lock<'a, S: Send>(py: Python<'_>, mutex: &'a Mutex<S>) -> MutexGuard<'a, S> {
     }
 }
 
-/// What the most recent forward left for `backward`.
+/// The input of the most recent forward, which `backward` reads again (the module keeps the
+/// statistics).
 enum Saved {
-    Host {
-        stats: SavedStats,
-        input: Py<PyAny>,
-    },
-    /// On a GPU the statistics stay in the layer; the input is read in place again.
+    Host(Py<PyAny>),
     #[cfg(feature = "cuda")]
-    Gpu {
-        ptr: u64,
-        dims: Vec<usize>,
-        producer: Option<crate::cuda::Stream>,
-        _input: Py<PyAny>,
-    },
+    Gpu(cuda::GpuArray),
 }
 
-/// BatchNorm2d(num_features, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True)
-///
-/// Batch normalization over a 4D (N, C, H, W) or unbatched 3D (C, H, W) NumPy array, with the
-/// semantics of torch.nn.BatchNorm2d.
 /// The base of `batchnorm.BatchNorm1d`, `BatchNorm2d` and `BatchNorm3d` (python/batchnorm/__init__.py),
-/// which differ only in the input ranks they accept: each class names its `Ranks` in `_ranks`.
+/// which differ only in the input ranks they accept: each class names its [`Kind`] in `_ranks`.
+/// Every method converts its arguments and calls the core module once.
 #[pyclass(name = "_BatchNorm", module = "batchnorm._core", subclass, frozen)]
-pub struct PyBatchNorm2d {
+pub struct PyBatchNorm {
+    kind: Kind,
     config: Config,
-    /// The input ranks this module's class accepts.
-    ranks: Ranks,
     dtype: Dtype,
-    layer: Mutex<State>,
-    saved: Mutex<Option<Saved>>,
+    state: Mutex<State>,
 }
 
-impl PyBatchNorm2d {
-    /// A NumPy view of one of the module's (C,) arrays; the view keeps the module alive.
-    fn view<'py>(slf: &Bound<'py, Self>, which: Buffer) -> Option<Bound<'py, PyAny>> {
-        let state = lock(slf.py(), &slf.get().layer);
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &state.gpu {
-            return gpu.view(slf, which, slf.get().dtype);
-        }
-        with_layer!(&state.host, l: _T => buffer_view(slf, l.buffer(which)))
+/// A module and what its calls keep alive.
+struct State {
+    module: AnyModule,
+    saved: Option<Saved>,
+    /// The arrays of GPU calls whose kernels may still run.
+    #[cfg(feature = "cuda")]
+    in_flight: Vec<cuda::InFlight>,
+}
+
+impl PyBatchNorm {
+    fn state(&self, py: Python<'_>) -> MutexGuard<'_, State> {
+        lock(py, &self.state)
     }
 
-    /// Copies `value` into one of the module's (C,) arrays after checking it.
+    /// A view of one of the module's (C,) arrays: NumPy on the CPU, a DeviceArray on a GPU. The
+    /// view keeps the memory alive (the module, or the device buffer).
+    fn view<'py>(slf: &Bound<'py, Self>, which: Buffer) -> Option<Bound<'py, PyAny>> {
+        let state = slf.get().state(slf.py());
+        with_module!(&state.module, m: _T => {
+            #[cfg(feature = "cuda")]
+            if m.device().is_some() {
+                return cuda::view(slf, m, which, slf.get().dtype);
+            }
+            buffer_view(slf, m.buffer(which))
+        })
+    }
+
+    /// Copies `value` (a NumPy or GPU array) into one of the module's (C,) arrays, where it lives.
     fn assign(&self, py: Python<'_>, which: Buffer, value: &Bound<'_, PyAny>) -> PyResult<()> {
         #[cfg(feature = "cuda")]
         let value = &cuda::host_array(value)?;
-        lock(py, &self.layer)
-            .edit_host(|host| with_layer!(host, l: T => assign_buffer::<T>(l.buffer_mut(which), value, which)))
+        let mut state = self.state(py);
+        with_module!(&mut state.module, m: T => {
+            let array = typed_array::<T>(value, which.name())?;
+            let values: Vec<T> = array.readonly().as_array().iter().copied().collect();
+            if array.ndim() != 1 {
+                let expected = vec![self.config.num_features];
+                return Err(Error::ShapeMismatch { what: which.name().into(), expected, got: array.shape().to_vec() }.into());
+            }
+            Ok(m.write_buffer(which, &values)?)
+        })
     }
 
     fn forward_typed<'py, T: Float>(
@@ -495,20 +433,20 @@ impl PyBatchNorm2d {
     ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
         let py = slf.py();
         let this = slf.get();
-        let buffers = module_spans(&lock(py, &this.layer).host);
-        let x = viewable(detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?, "input", this.ranks)?;
-        let view = view_of(&x, "input", this.ranks)?;
-        let others: Vec<Span> = buffers.into_iter().chain([Span::of_array("the input", x.as_untyped())]).collect();
+        let ranks = this.kind.ranks();
+        let buffers = module_spans(&this.state(py).module);
+        let x = viewable(detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?, "input", ranks)?;
+        let view = view_of(&x, ranks)?;
+        let others: Vec<Span> = buffers.into_iter().chain([array_span("the input", x.as_untyped())]).collect();
         let y = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `y` comes from `output` and nothing else refers to it yet.
         let y_data = unsafe { out_slice(&y)? };
-        let stats = py
-            .detach(|| {
-                let mut state = this.layer.lock().unwrap_or_else(|p| p.into_inner());
-                typed::<T>(&mut state.host)?.forward(&view, y_data)
-            })
-            .map_err(|e| e.with_input_dims(x.shape()))?;
-        *lock(py, &this.saved) = Some(Saved::Host { stats, input: x.into_any().unbind() });
+        py.detach(|| {
+            let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.module.typed::<T>()?.forward(&view, y_data)
+        })
+        .map_err(|e| e.with_input_dims(x.shape()))?;
+        this.state(py).saved = Some(Saved::Host(x.into_any().unbind()));
         Ok(y)
     }
 
@@ -519,68 +457,39 @@ impl PyBatchNorm2d {
     ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
         let py = slf.py();
         let this = slf.get();
-        let (stats, input) = match lock(py, &this.saved).as_ref() {
-            Some(Saved::Host { stats, input }) => (stats.clone(), input.clone_ref(py)),
-            #[cfg(feature = "cuda")]
-            Some(Saved::Gpu { .. }) => return Err(Error::NoForward.into()),
-            None => return Err(Error::NoForward.into()),
+        let ranks = this.kind.ranks();
+        let (input, buffers) = {
+            let state = this.state(py);
+            match &state.saved {
+                Some(Saved::Host(input)) => (input.clone_ref(py), module_spans(&state.module)),
+                _ => return Err(Error::NoForward.into()),
+            }
         };
         let x = input.into_bound(py).cast_into::<PyArrayDyn<T>>()?;
-        let buffers = module_spans(&lock(py, &this.layer).host);
         let dy = detached(readable(typed_array::<T>(grad_output, "grad_output")?)?, &buffers)?;
-        let dy = viewable(dy, "grad_output", this.ranks)?;
-        if dy.shape() != x.shape() {
-            return Err(Error::ShapeMismatch {
-                what: "grad_output (the forward output's shape)".into(),
-                expected: x.shape().to_vec(),
-                got: dy.shape().to_vec(),
-            }
-            .into());
-        }
-        let (x_view, dy_view) = (view_of(&x, "input", this.ranks)?, view_of(&dy, "grad_output", this.ranks)?);
-        let inputs =
-            [Span::of_array("the forward's input", x.as_untyped()), Span::of_array("grad_output", dy.as_untyped())];
+        let dy = viewable(dy, "grad_output", ranks)?;
+        let (x_view, dy_view) = (view_of(&x, ranks)?, view_of(&dy, ranks)?);
+        let inputs = [array_span("the forward's input", x.as_untyped()), array_span("grad_output", dy.as_untyped())];
         let others: Vec<Span> = buffers.into_iter().chain(inputs).collect();
         let dx = output::<T>(py, out, x.shape(), &others)?;
         // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
         let dx_data = unsafe { out_slice(&dx)? };
         py.detach(|| {
-            let mut state = this.layer.lock().unwrap_or_else(|p| p.into_inner());
-            typed::<T>(&mut state.host)?.backward(&stats, &x_view, &dy_view, dx_data)
+            let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.module.typed::<T>()?.backward(&x_view, &dy_view, dx_data)
         })?;
         Ok(dx)
     }
 }
 
 /// A NumPy view of a buffer inside the module; the view keeps the module alive.
-fn buffer_view<'py, T: Float>(owner: &Bound<'py, PyBatchNorm2d>, data: Option<&[T]>) -> Option<Bound<'py, PyAny>> {
+fn buffer_view<'py, T: Float>(owner: &Bound<'py, PyBatchNorm>, data: Option<&[T]>) -> Option<Bound<'py, PyAny>> {
     data.map(|data| {
-        // SAFETY: the layer allocates its buffers once and never frees or moves them while the
-        // module lives; `owner` becomes the view's base object and so outlives it.
+        // SAFETY: the module allocates its host arrays once and never frees or moves them while
+        // it lives; `owner` becomes the view's base object and so outlives it.
         let view = unsafe { ArrayView1::from_shape_ptr(data.len(), data.as_ptr()) };
         unsafe { PyArray1::borrow_from_array(&view, owner.clone().into_any()) }.into_any()
     })
-}
-
-/// Copies `value` into a (C,) buffer of the module after checking its type, dtype and shape.
-fn assign_buffer<T: Float>(target: Option<&mut [T]>, value: &Bound<'_, PyAny>, which: Buffer) -> PyResult<()> {
-    let name = which.name();
-    let Some(target) = target else {
-        let reason = which.absent_when();
-        return Err(Error::InvalidArgument(format!("cannot assign {name}: this module has none ({reason})")).into());
-    };
-    let array = typed_array::<T>(value, name)?;
-    if array.shape() != [target.len()] {
-        return Err(Error::ShapeMismatch {
-            what: name.to_string(),
-            expected: vec![target.len()],
-            got: array.shape().to_vec(),
-        }
-        .into());
-    }
-    let source: Vec<T> = array.readonly().as_array().iter().copied().collect();
-    target.copy_from_slice(&source);
-    Ok(())
 }
 
 fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
@@ -646,68 +555,18 @@ impl Placement {
     }
 }
 
-/// A module's state: on the CPU in `host`; on a GPU in `gpu`, with `host` then out of date.
-struct State {
-    host: Layer,
-    #[cfg(feature = "cuda")]
-    gpu: Option<cuda::GpuLayer>,
-    /// The arrays of GPU calls whose kernels may still run.
-    #[cfg(feature = "cuda")]
-    in_flight: Vec<cuda::InFlight>,
-}
-
-impl State {
-    fn new(host: Layer) -> State {
-        State {
-            host,
-            #[cfg(feature = "cuda")]
-            gpu: None,
-            #[cfg(feature = "cuda")]
-            in_flight: Vec::new(),
-        }
-    }
-
-    fn placement(&self) -> Placement {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return Placement::Cuda(gpu.device().ordinal());
-        }
-        Placement::Cpu
-    }
-
-    /// Runs `read` on the state as a CPU layer (on a GPU: on a copy fetched from it).
-    fn read_host<R>(&self, read: impl FnOnce(&Layer) -> R) -> Result<R> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return Ok(read(&gpu.to_host()?));
-        }
-        Ok(read(&self.host))
-    }
-
-    /// Runs `edit` on the state as a CPU layer (on a GPU: on a copy, written back if it succeeds).
-    fn edit_host<R>(&mut self, edit: impl FnOnce(&mut Layer) -> PyResult<R>) -> PyResult<R> {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &mut self.gpu {
-            let mut host = gpu.to_host()?;
-            let result = edit(&mut host)?;
-            gpu.set_host(host)?;
-            return Ok(result);
-        }
-        edit(&mut self.host)
-    }
-}
-
-/// A module of class `cls` (BatchNorm2d or a subclass) holding `layer`: made through `__new__`
-/// with the layer's configuration, so the constructor's checks apply, then given the state.
+/// A module of class `cls` (a batch norm class or a subclass) holding `module`'s state: made
+/// through `__new__` with its configuration, so the constructor's checks apply, then given the
+/// state.
 fn instantiate<'py>(
     cls: &Bound<'py, PyType>,
-    layer: Layer,
+    module: AnyModule,
     placement: Placement,
-) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+) -> PyResult<Bound<'py, PyBatchNorm>> {
     let py = cls.py();
-    let (config, dtype) = match &layer {
-        Layer::F32(l) => (l.config().clone(), Dtype::F32),
-        Layer::F64(l) => (l.config().clone(), Dtype::F64),
+    let (config, dtype) = match &module {
+        AnyModule::F32(m) => (m.config().clone(), Dtype::F32),
+        AnyModule::F64(m) => (m.config().clone(), Dtype::F64),
     };
     let kwargs = PyDict::new(py);
     kwargs.set_item("eps", config.eps)?;
@@ -716,21 +575,21 @@ fn instantiate<'py>(
     kwargs.set_item("track_running_stats", config.track_running_stats)?;
     kwargs.set_item("dtype", dtype.name())?;
     kwargs.set_item("bias", config.bias)?;
-    let module = cls.call_method("__new__", (cls, config.num_features), Some(&kwargs))?.cast_into::<PyBatchNorm2d>()?;
-    // A subclass's __new__ may already have handed out views of the fresh module's buffers, so
+    let made = cls.call_method("__new__", (cls, config.num_features), Some(&kwargs))?.cast_into::<PyBatchNorm>()?;
+    // A subclass's __new__ may already have handed out views of the fresh module's arrays, so
     // the state is copied into them: memory a view can reach is never freed.
-    lock(py, &module.get().layer).edit_host(|host| Ok(host.copy_state_from(&layer)?))?;
-    module.get().move_to(py, placement)?;
-    Ok(module)
+    made.get().state(py).module.copy_state_from(&module)?;
+    made.get().move_to(py, placement)?;
+    Ok(made)
 }
 
-/// The input ranks of module class `cls`, from its `_ranks` ("1d", "2d" or "3d").
-fn class_ranks(cls: &Bound<'_, PyType>) -> PyResult<Ranks> {
+/// The kind of module class `cls`, from its `_ranks` ("1d", "2d" or "3d").
+fn class_kind(cls: &Bound<'_, PyType>) -> PyResult<Kind> {
     let name = cls.getattr("_ranks").ok().and_then(|r| r.extract::<String>().ok());
     match name.as_deref() {
-        Some("1d") => Ok(Ranks::Sequence),
-        Some("2d") => Ok(Ranks::Planes),
-        Some("3d") => Ok(Ranks::Volumes),
+        Some("1d") => Ok(Kind::BatchNorm1d),
+        Some("2d") => Ok(Kind::BatchNorm2d),
+        Some("3d") => Ok(Kind::BatchNorm3d),
         _ => Err(PyTypeError::new_err(format!(
             "{} is not a batch norm class: construct batchnorm.BatchNorm1d, BatchNorm2d or BatchNorm3d (or a subclass)",
             cls.name()?
@@ -738,35 +597,22 @@ fn class_ranks(cls: &Bound<'_, PyType>) -> PyResult<Ranks> {
     }
 }
 
-/// Builds the typed layer for `dtype` with `build`.
-fn build_layer(
-    dtype: Dtype,
-    build_f32: impl FnOnce() -> PyResult<BatchNorm2d<f32>>,
-    build_f64: impl FnOnce() -> PyResult<BatchNorm2d<f64>>,
-) -> PyResult<Layer> {
-    Ok(match dtype {
-        Dtype::F32 => Layer::F32(build_f32()?),
-        Dtype::F64 => Layer::F64(build_f64()?),
-    })
-}
-
 fn from_tensor_file<'py>(
     cls: &Bound<'py, PyType>,
     file: &TensorFile,
     kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+) -> PyResult<Bound<'py, PyBatchNorm>> {
     let (overrides, dtype, placement) = parse_overrides(cls.py(), kwargs)?;
-    let dtype = dtype.unwrap_or(if file.float_dtype() == "float64" { Dtype::F64 } else { Dtype::F32 });
-    let layer = build_layer(
-        dtype,
-        || Ok(BatchNorm2d::from_tensor_file(file, &overrides)?),
-        || Ok(BatchNorm2d::from_tensor_file(file, &overrides)?),
-    )?;
-    instantiate(cls, layer, placement)
+    let kind = class_kind(cls)?;
+    let module = match dtype.unwrap_or(if file.float_dtype() == "float64" { Dtype::F64 } else { Dtype::F32 }) {
+        Dtype::F32 => AnyModule::F32(BatchNorm::from_tensor_file(kind, file, &overrides)?),
+        Dtype::F64 => AnyModule::F64(BatchNorm::from_tensor_file(kind, file, &overrides)?),
+    };
+    instantiate(cls, module, placement)
 }
 
 #[pymethods]
-impl PyBatchNorm2d {
+impl PyBatchNorm {
     #[new]
     #[pyo3(signature = (num_features, eps=1e-5, momentum=Some(0.1), affine=true, track_running_stats=true, device=None, dtype=None, *, bias=true))]
     #[pyo3(
@@ -786,19 +632,20 @@ impl PyBatchNorm2d {
         bias: bool,
     ) -> PyResult<Self> {
         let py = cls.py();
-        let ranks = class_ranks(cls)?;
+        let kind = class_kind(cls)?;
         let num_features = count_argument(num_features, "num_features", i64::MAX as u64)?;
         let placement = parse_device(device)?;
         let dtype = Dtype::parse(py, dtype)?;
         let config = Config { num_features, eps, momentum, affine, bias, track_running_stats };
-        let layer = match dtype {
-            Dtype::F32 => Layer::F32(BatchNorm2d::new(config.clone())?),
-            Dtype::F64 => Layer::F64(BatchNorm2d::new(config.clone())?),
+        let state = State {
+            module: AnyModule::new(kind, config.clone(), dtype)?,
+            saved: None,
+            #[cfg(feature = "cuda")]
+            in_flight: Vec::new(),
         };
-        let module =
-            PyBatchNorm2d { config, ranks, dtype, layer: Mutex::new(State::new(layer)), saved: Mutex::new(None) };
-        module.move_to(py, placement)?;
-        Ok(module)
+        let made = PyBatchNorm { kind, config, dtype, state: Mutex::new(state) };
+        made.move_to(py, placement)?;
+        Ok(made)
     }
 
     #[getter]
@@ -832,7 +679,7 @@ impl PyBatchNorm2d {
     /// Where the parameters and buffers live: "cpu" or "cuda:N".
     #[getter]
     fn device(&self, py: Python<'_>) -> String {
-        lock(py, &self.layer).placement().name()
+        self.placement(py).name()
     }
 
     /// to(device): moves the parameters and buffers to "cpu", "cuda" or "cuda:N"; returns the module.
@@ -844,21 +691,11 @@ impl PyBatchNorm2d {
 
     #[getter]
     fn training(&self, py: Python<'_>) -> bool {
-        let state = lock(py, &self.layer);
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &state.gpu {
-            return gpu.is_training();
-        }
-        with_layer!(&state.host, l: _T => l.is_training())
+        with_module!(&self.state(py).module, m: _T => m.is_training())
     }
     #[setter]
     fn set_training(&self, py: Python<'_>, mode: bool) {
-        let mut state = lock(py, &self.layer);
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &mut state.gpu {
-            return gpu.set_training(mode);
-        }
-        with_layer!(&mut state.host, l: _T => l.set_training(mode))
+        with_module!(&mut self.state(py).module, m: _T => m.set_training(mode))
     }
 
     #[getter]
@@ -895,12 +732,7 @@ impl PyBatchNorm2d {
     }
     #[getter]
     fn num_batches_tracked(&self, py: Python<'_>) -> Option<i64> {
-        let state = lock(py, &self.layer);
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &state.gpu {
-            return gpu.num_batches_tracked();
-        }
-        with_layer!(&state.host, l: _T => l.num_batches_tracked())
+        with_module!(&self.state(py).module, m: _T => m.num_batches_tracked())
     }
     /// Σ of weight gradients over backward calls since zero_grad(); None before any.
     #[getter]
@@ -923,7 +755,7 @@ impl PyBatchNorm2d {
     ) -> PyResult<Bound<'py, PyAny>> {
         let this = slf.get();
         #[cfg(feature = "cuda")]
-        if lock(slf.py(), &this.layer).gpu.is_some() {
+        if this.placement(slf.py()) != Placement::Cpu {
             let stream = cuda::parse_stream(stream)?;
             return match this.dtype {
                 Dtype::F32 => cuda::forward::<f32>(slf, input, out, stream),
@@ -957,7 +789,7 @@ impl PyBatchNorm2d {
     ) -> PyResult<Bound<'py, PyAny>> {
         let this = slf.get();
         #[cfg(feature = "cuda")]
-        if lock(slf.py(), &this.layer).gpu.is_some() {
+        if this.placement(slf.py()) != Placement::Cpu {
             let stream = cuda::parse_stream(stream)?;
             return match this.dtype {
                 Dtype::F32 => cuda::backward::<f32>(slf, grad_output, out, stream),
@@ -984,40 +816,28 @@ impl PyBatchNorm2d {
     }
 
     /// zero_grad(): forgets the accumulated gradients (grad_weight and grad_bias become None).
-    fn zero_grad(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.layer).edit_host(|host| {
-            with_layer!(host, l: _T => l.zero_grad());
-            Ok(())
-        })
+    fn zero_grad(&self, py: Python<'_>) {
+        with_module!(&mut self.state(py).module, m: _T => m.zero_grad())
     }
 
     /// reset_running_stats(): running_mean 0, running_var 1, num_batches_tracked 0.
     fn reset_running_stats(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.layer).edit_host(|host| {
-            with_layer!(host, l: _T => l.reset_running_stats());
-            Ok(())
-        })
+        Ok(with_module!(&mut self.state(py).module, m: _T => m.reset_running_stats())?)
     }
 
     /// reset_parameters(): reset_running_stats(), weight 1, bias 0.
     fn reset_parameters(&self, py: Python<'_>) -> PyResult<()> {
-        lock(py, &self.layer).edit_host(|host| {
-            with_layer!(host, l: _T => l.reset_parameters());
-            Ok(())
-        })
+        Ok(with_module!(&mut self.state(py).module, m: _T => m.reset_parameters())?)
     }
 
     /// state_dict(): copies of the parameters and buffers under PyTorch's keys.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
-        lock(py, &self.layer).read_host(|host| -> PyResult<()> {
-            with_layer!(host, l: _T => {
-                for (key, tensor) in l.state_dict() {
-                    dict.set_item(key, state_array::<_T>(py, tensor)?)?;
-                }
-            });
-            Ok(())
-        })??;
+        with_module!(&self.state(py).module, m: T => {
+            for (key, tensor) in m.state_dict()? {
+                dict.set_item(key, state_array::<T>(py, tensor)?)?;
+            }
+        });
         Ok(dict)
     }
 
@@ -1031,15 +851,14 @@ impl PyBatchNorm2d {
     ) -> PyResult<Bound<'py, PyTuple>> {
         // The mapping is read before locking: reading it runs arbitrary Python code.
         let (entries, _) = state_entries(state_dict, "")?;
-        let report = lock(py, &self.layer)
-            .edit_host(|host| with_layer!(host, l: _T => Ok(l.load_state_dict(&entries, strict)?)))?;
+        let report = with_module!(&mut self.state(py).module, m: _T => m.load_state_dict(&entries, strict))?;
         PyTuple::new(py, [PyList::new(py, report.missing_keys)?, PyList::new(py, report.unexpected_keys)?])
     }
 
     /// save(path): writes the state to a safetensors file that PyTorch loads, atomically, with the
     /// configuration in its metadata.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let file = lock(py, &self.layer).read_host(|host| with_layer!(host, l: _T => l.to_tensor_file()))?;
+        let file = with_module!(&self.state(py).module, m: _T => m.to_tensor_file())?;
         Ok(py.detach(|| state_file::save(&path, &file))?)
     }
 
@@ -1052,7 +871,7 @@ impl PyBatchNorm2d {
         cls: &Bound<'py, PyType>,
         path: PathBuf,
         overrides: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+    ) -> PyResult<Bound<'py, PyBatchNorm>> {
         let file = cls.py().detach(|| state_file::load(&path))?;
         from_tensor_file(cls, &file, overrides)
     }
@@ -1066,22 +885,22 @@ impl PyBatchNorm2d {
         state_dict: &Bound<'py, PyAny>,
         prefix: &str,
         config: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+    ) -> PyResult<Bound<'py, PyBatchNorm>> {
         let (overrides, dtype, placement) = parse_overrides(cls.py(), config)?;
         let (entries, found) = state_entries(state_dict, prefix)?;
         let config = Config::infer(&entries)?.with(&overrides);
-        let layer = build_layer(
-            dtype.unwrap_or(found),
-            || Ok(BatchNorm2d::from_state(config.clone(), &entries)?),
-            || Ok(BatchNorm2d::from_state(config.clone(), &entries)?),
-        )?;
-        instantiate(cls, layer, placement)
+        let kind = class_kind(cls)?;
+        let module = match dtype.unwrap_or(found) {
+            Dtype::F32 => AnyModule::F32(BatchNorm::from_state(kind, config, &entries)?),
+            Dtype::F64 => AnyModule::F64(BatchNorm::from_state(kind, config, &entries)?),
+        };
+        instantiate(cls, module, placement)
     }
 
     /// Pickling and copy.deepcopy: the state file's bytes, configuration and training flag included.
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
         let py = slf.py();
-        let file = lock(py, &slf.get().layer).read_host(|host| with_layer!(host, l: _T => l.to_tensor_file()))?;
+        let file = with_module!(&slf.get().state(py).module, m: _T => m.to_tensor_file())?;
         let bytes = PyBytes::new(py, &state_file::serialize(&file)?);
         let rebuild = slf.get_type().getattr("_from_bytes")?;
         PyTuple::new(py, [rebuild, PyTuple::new(py, [bytes])?.into_any()])
@@ -1089,7 +908,7 @@ impl PyBatchNorm2d {
 
     /// The inverse of __reduce__.
     #[classmethod]
-    fn _from_bytes<'py>(cls: &Bound<'py, PyType>, data: &[u8]) -> PyResult<Bound<'py, PyBatchNorm2d>> {
+    fn _from_bytes<'py>(cls: &Bound<'py, PyType>, data: &[u8]) -> PyResult<Bound<'py, PyBatchNorm>> {
         from_tensor_file(cls, &state_file::deserialize(data)?, None)
     }
 
@@ -1190,10 +1009,21 @@ fn parse_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<Placement> {
     }
 }
 
-impl PyBatchNorm2d {
-    /// Moves the state to `placement` (nothing to do if it is there already).
+impl PyBatchNorm {
+    fn placement(&self, py: Python<'_>) -> Placement {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = with_module!(&self.state(py).module, m: _T => m.device().map(|d| d.ordinal())) {
+            return Placement::Cuda(device);
+        }
+        let _ = py;
+        Placement::Cpu
+    }
+
+    /// Moves the module to `placement` (nothing to do if it is there already). Leaving a GPU, the
+    /// values go back into the host arrays' own memory, which NumPy views may reach; the device
+    /// buffers live on as long as DeviceArray views of them do.
     fn move_to(&self, py: Python<'_>, placement: Placement) -> PyResult<()> {
-        if lock(py, &self.layer).placement() == placement {
+        if self.placement(py) == placement {
             return Ok(());
         }
         #[cfg(feature = "cuda")]
@@ -1201,26 +1031,20 @@ impl PyBatchNorm2d {
             // NVRTC may come from pip's nvidia-cuda-nvrtc wheel, somewhere on sys.path.
             let roots: Vec<PathBuf> = py.import("sys")?.getattr("path")?.extract()?;
             crate::cuda::library::add_search_roots(roots);
-            let mut state = lock(py, &self.layer);
-            let gpu = match placement {
-                Placement::Cuda(ordinal) => {
-                    let host = match state.gpu.as_ref() {
-                        Some(gpu) => gpu.to_host()?,
-                        None => state.host.clone(),
-                    };
-                    let gpu = py.detach(|| cuda::GpuLayer::new(host, ordinal));
-                    Some(gpu.map_err(|e| Error::Cuda(format!("cannot use device {:?}: {e}", placement.name())))?)
-                }
+            let device = match placement {
+                Placement::Cuda(ordinal) => Some(
+                    py.detach(|| crate::cuda::device(ordinal))
+                        .map_err(|e| Error::Cuda(format!("cannot use device {:?}: {e}", placement.name())))?,
+                ),
                 Placement::Cpu => None,
             };
-            if let Some(previous) = state.gpu.take() {
-                // Back into the host layer's own buffers, which NumPy views may reach. The GPU
-                // layer is dropped: DeviceArray views hold the device buffers they view.
-                let host = previous.to_host()?;
-                state.host.copy_state_from(&host)?;
-            }
-            state.gpu = gpu;
-            *lock(py, &self.saved) = None;
+            let mut state = self.state(py);
+            with_module!(&mut state.module, m: _T => match &device {
+                Some(device) => m.to_host().and_then(|()| m.to_device(device)),
+                None => m.to_host(),
+            })
+            .map_err(|e| Error::Cuda(format!("cannot use device {:?}: {e}", placement.name())))?;
+            state.saved = None;
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
@@ -1355,7 +1179,7 @@ fn batch_norm_typed<'py, T: Float>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = input.py();
     let x = viewable(readable(typed_array::<T>(input, "input")?)?, "input", Ranks::Any)?;
-    let view = view_of(&x, "input", Ranks::Any)?;
+    let view = view_of(&x, Ranks::Any)?;
     let c = view.shape().c;
     let mut mean = param_vec::<T>(running_mean, "running_mean", c)?;
     let mut var = param_vec::<T>(running_var, "running_var", c)?;
@@ -1446,7 +1270,7 @@ fn batch_norm_backward_typed<'py, T: Float>(
         }
         .into());
     }
-    let (x_view, dy_view) = (view_of(&x, "input", Ranks::Any)?, view_of(&dy, "grad_output", Ranks::Any)?);
+    let (x_view, dy_view) = (view_of(&x, Ranks::Any)?, view_of(&dy, Ranks::Any)?);
     let shape = x_view.shape();
     let mean = param_vec::<T>(running_mean, "running_mean", shape.c)?;
     let var = param_vec::<T>(running_var, "running_var", shape.c)?;
@@ -1612,7 +1436,7 @@ fn get_num_threads() -> usize {
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyBatchNorm2d>()?;
+    m.add_class::<PyBatchNorm>()?;
     #[cfg(feature = "cuda")]
     m.add_class::<cuda::DeviceArray>()?;
     m.add_function(wrap_pyfunction!(batch_norm, m)?)?;
