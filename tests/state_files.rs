@@ -106,3 +106,25 @@ fn corrupted_bytes_never_panic() {
         }
     }
 }
+
+/// A file names the class that wrote it, and loads into any class (the keys are PyTorch's, the
+/// same for the three), as a PyTorch state dict does.
+#[test]
+fn a_file_names_its_class_and_loads_into_any() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("bn1d.safetensors");
+    let mut bn1d = BatchNorm::<f64>::new(Kind::BatchNorm1d, Config::new(3)).unwrap();
+    let x: Vec<f64> = (0..12).map(|i| (i * 7 % 5) as f64).collect();
+    let mut y = vec![0.0; x.len()];
+    bn1d.forward(&TensorRef::contiguous_dims(&x, &[4, 3], batchnorm::Ranks::Sequence).unwrap(), &mut y).unwrap();
+    bn1d.save(&path).unwrap();
+    assert_eq!(BatchNorm::<f64>::recorded_kind(&state_file::load(&path).unwrap()), Some(Kind::BatchNorm1d));
+    for kind in [Kind::BatchNorm1d, Kind::BatchNorm2d, Kind::BatchNorm3d] {
+        let loaded = BatchNorm::<f64>::from_file(kind, &path, &ConfigOverrides::default()).unwrap();
+        assert_eq!(loaded.kind(), kind);
+        assert_eq!(loaded.running_mean(), bn1d.running_mean());
+        assert_eq!(loaded.num_batches_tracked(), Some(1));
+    }
+    let pytorch = state_file::load(fixture("pytorch_bn8.safetensors")).unwrap();
+    assert_eq!(BatchNorm::<f32>::recorded_kind(&pytorch), None, "PyTorch's files name no class");
+}
