@@ -160,12 +160,14 @@ pub(crate) enum Dtype {
     F64,
 }
 
-impl Dtype {
-    fn parse(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<Dtype> {
-        let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(Dtype::F32) };
+/// A module's `dtype=`: anything NumPy reads as float32 or float64 ("float32", np.float64, ...).
+impl<'a, 'py> FromPyObject<'a, 'py> for Dtype {
+    type Error = PyErr;
+    fn extract(value: Borrowed<'a, 'py, PyAny>) -> PyResult<Dtype> {
+        let py = value.py();
         let unsupported =
             |got: String| Error::DType { what: "module".into(), expected: "float32 or float64".into(), got };
-        let descr = PyArrayDescr::new(py, value).map_err(|_| unsupported(describe(value)))?;
+        let descr = PyArrayDescr::new(py, &*value).map_err(|_| unsupported(describe(&value)))?;
         if descr.is_equiv_to(&dtype::<f32>(py)) {
             Ok(Dtype::F32)
         } else if descr.is_equiv_to(&dtype::<f64>(py)) {
@@ -174,7 +176,9 @@ impl Dtype {
             Err(unsupported(descr.str()?.to_string()).into())
         }
     }
+}
 
+impl Dtype {
     fn of_array(array: &Bound<'_, PyUntypedArray>) -> PyResult<Dtype> {
         let py = array.py();
         let descr = array.dtype();
@@ -498,10 +502,7 @@ fn py_float_repr(py: Python<'_>, value: f64) -> PyResult<String> {
 
 /// Constructor keywords given to `from_file` / `from_state_dict`: configuration overrides and the
 /// dtype, checked as the constructor checks them.
-fn parse_overrides(
-    py: Python<'_>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-) -> PyResult<(ConfigOverrides, Option<Dtype>, Placement)> {
+fn parse_overrides(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<(ConfigOverrides, Option<Dtype>, Placement)> {
     let mut overrides = ConfigOverrides::default();
     let mut dtype = None;
     let mut placement = Placement::Cpu;
@@ -515,8 +516,8 @@ fn parse_overrides(
             "affine" => overrides.affine = Some(value.extract()?),
             "bias" => overrides.bias = Some(value.extract()?),
             "track_running_stats" => overrides.track_running_stats = Some(value.extract()?),
-            "dtype" => dtype = Some(Dtype::parse(py, Some(&value))?),
-            "device" => placement = parse_device(Some(&value))?,
+            "dtype" => dtype = value.extract::<Option<Dtype>>()?,
+            "device" => placement = value.extract::<Option<Placement>>()?.unwrap_or(Placement::Cpu),
             other => return Err(PyTypeError::new_err(format!("unexpected keyword argument {other:?}"))),
         }
     }
@@ -602,7 +603,7 @@ fn from_tensor_file<'py>(
     file: &TensorFile,
     kwargs: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyBatchNorm>> {
-    let (overrides, dtype, placement) = parse_overrides(cls.py(), kwargs)?;
+    let (overrides, dtype, placement) = parse_overrides(kwargs)?;
     let kind = class_kind(cls)?;
     let module = match dtype.unwrap_or(if file.float_dtype() == "float64" { Dtype::F64 } else { Dtype::F32 }) {
         Dtype::F32 => AnyModule::F32(BatchNorm::from_tensor_file(kind, file, &overrides)?),
@@ -627,15 +628,14 @@ impl PyBatchNorm {
         momentum: Option<f64>,
         affine: bool,
         track_running_stats: bool,
-        device: Option<&Bound<'_, PyAny>>,
-        dtype: Option<&Bound<'_, PyAny>>,
+        device: Option<Placement>,
+        dtype: Option<Dtype>,
         bias: bool,
     ) -> PyResult<Self> {
         let py = cls.py();
         let kind = class_kind(cls)?;
         let num_features = count_argument(num_features, "num_features", i64::MAX as u64)?;
-        let placement = parse_device(device)?;
-        let dtype = Dtype::parse(py, dtype)?;
+        let (placement, dtype) = (device.unwrap_or(Placement::Cpu), dtype.unwrap_or(Dtype::F32));
         let config = Config { num_features, eps, momentum, affine, bias, track_running_stats };
         let state = State {
             module: AnyModule::new(kind, config.clone(), dtype)?,
@@ -683,9 +683,8 @@ impl PyBatchNorm {
     }
 
     /// to(device): moves the parameters and buffers to "cpu", "cuda" or "cuda:N"; returns the module.
-    fn to<'py>(slf: Bound<'py, Self>, device: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Self>> {
-        let placement = parse_device(Some(device))?;
-        slf.get().move_to(slf.py(), placement)?;
+    fn to<'py>(slf: Bound<'py, Self>, device: Option<Placement>) -> PyResult<Bound<'py, Self>> {
+        slf.get().move_to(slf.py(), device.unwrap_or(Placement::Cpu))?;
         Ok(slf)
     }
 
@@ -886,7 +885,7 @@ impl PyBatchNorm {
         prefix: &str,
         config: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyBatchNorm>> {
-        let (overrides, dtype, placement) = parse_overrides(cls.py(), config)?;
+        let (overrides, dtype, placement) = parse_overrides(config)?;
         let (entries, found) = state_entries(state_dict, prefix)?;
         let config = Config::infer(&entries)?.with(&overrides);
         let kind = class_kind(cls)?;
@@ -982,29 +981,31 @@ fn host_input<'py>(
     Ok(value.clone())
 }
 
-/// "cpu", "cuda", "cuda:N", or anything whose str() is one of those (a torch.device).
-fn parse_device(device: Option<&Bound<'_, PyAny>>) -> PyResult<Placement> {
-    let Some(device) = device.filter(|d| !d.is_none()) else { return Ok(Placement::Cpu) };
-    let name: String = match device.cast::<PyString>() {
-        Ok(name) => name.to_string(),
-        Err(_) if device.hasattr("type")? => device.str()?.to_string(),
-        Err(_) => {
-            return Err(PyTypeError::new_err(format!(
-                "device must be None or a string such as 'cpu' or 'cuda:0', got {}",
-                type_name(device)
-            )))
-        }
-    };
-    let ordinal = match name.as_str() {
-        "cpu" => return Ok(Placement::Cpu),
-        "cuda" => Some(0),
-        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
-    };
-    match ordinal {
-        Some(ordinal) => Ok(Placement::Cuda(ordinal)),
-        None => {
-            Err(Error::InvalidArgument(format!("unknown device {name:?}: expected None, 'cpu', 'cuda' or 'cuda:N'"))
-                .into())
+/// A `device=`: "cpu", "cuda", "cuda:N", or anything whose str() is one of those (a torch.device).
+impl<'a, 'py> FromPyObject<'a, 'py> for Placement {
+    type Error = PyErr;
+    fn extract(device: Borrowed<'a, 'py, PyAny>) -> PyResult<Placement> {
+        let name: String = match device.cast::<PyString>() {
+            Ok(name) => name.to_string(),
+            Err(_) if device.hasattr("type")? => device.str()?.to_string(),
+            Err(_) => {
+                return Err(PyTypeError::new_err(format!(
+                    "device must be None or a string such as 'cpu' or 'cuda:0', got {}",
+                    type_name(&device)
+                )))
+            }
+        };
+        let ordinal = match name.as_str() {
+            "cpu" => return Ok(Placement::Cpu),
+            "cuda" => Some(0),
+            other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+        };
+        match ordinal {
+            Some(ordinal) => Ok(Placement::Cuda(ordinal)),
+            None => Err(Error::InvalidArgument(format!(
+                "unknown device {name:?}: expected None, 'cpu', 'cuda' or 'cuda:N'"
+            ))
+            .into()),
         }
     }
 }
