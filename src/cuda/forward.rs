@@ -1,6 +1,6 @@
-//! The forward launchers. **The CUDA training forward is [`train`]**: pass 1 `statistics`
+//! The forward launchers. **The CUDA training forward is `train`**: pass 1 `statistics`
 //! (kernels.cu) reduces each channel to moments, and its last block per channel finalizes them
-//! and blends the running statistics; pass 2 `normalize` writes y once. Eval is [`eval`].
+//! and blends the running statistics; pass 2 `normalize` writes y once. Eval is `eval`.
 
 use super::device::Device;
 use super::launch::{launch, ForwardArgs, Geometry, Workspace};

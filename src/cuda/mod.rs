@@ -3,7 +3,7 @@
 //! Where things are:
 //! - a module's arrays on a device, [`DeviceArrays`] (`arrays.rs`), held by [`crate::BatchNorm`]
 //!   while it is on a device, with the work on them ordered across streams by events;
-//! - **the CUDA training forward is [`forward::train`]** (`forward.rs`), eval beside it; the
+//! - **the CUDA training forward is `forward::train`** (`forward.rs`), eval beside it; the
 //!   backward is `backward.rs`; both launch the kernels of `kernels.cu`, which sit next to the
 //!   CPU versions they must match (`src/cpu/forward.rs`, `src/cpu/backward.rs`);
 //! - kernel arguments, workspace and launch geometry: `launch.rs`;
