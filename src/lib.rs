@@ -39,6 +39,7 @@
 
 mod checks;
 mod config;
+pub mod convert;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -27,7 +27,7 @@ FORWARD_CASES = [
     ("channel mismatch", np.zeros((2, 4, 3, 3), np.float32), ValueError, ["3 channels", "got 4"]),
     ("float64 into float32", X.astype(np.float64), TypeError, ["float32", "float64"]),
     ("int", X.astype(np.int32), TypeError, ["float32", "int32"]),
-    ("float16", X.astype(np.float16), TypeError, ["float32", "float16"]),
+    ("float16, one value per channel", np.zeros((1, 3, 1, 1), np.float16), ValueError, ["more than 1 value"]),
     ("complex", X.astype(np.complex64), TypeError, ["float32", "complex64"]),
     ("object", X.astype(object), TypeError, ["float32", "object"]),
     ("big-endian", X.astype(">f4"), TypeError, ["float32", ">f4"]),

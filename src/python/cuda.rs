@@ -166,6 +166,12 @@ impl GpuArray {
             Ok(d) => {
                 return Err(Error::DType { what: what.into(), expected: dtype.name().into(), got: d.name().into() })
             }
+            Err(name) if name == "float16" || name == "bfloat16" => {
+                return Err(Error::Unsupported(format!(
+                    "{what} of dtype {name} runs on the CPU only so far: the CUDA kernels for half inputs are not \
+                     written yet; move the module to the CPU, or pass float32"
+                )))
+            }
             Err(name) => {
                 return Err(Error::DType { what: what.into(), expected: dtype.name().into(), got: name.clone() })
             }
@@ -362,6 +368,7 @@ fn import_interface(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyR
     let dtype = match typestr.as_str() {
         "<f4" => Ok(Dtype::F32),
         "<f8" => Ok(Dtype::F64),
+        "<f2" => Err("float16".to_string()),
         other => Err(other.to_string()),
     };
     if let (Some(strides), Ok(dtype)) = (&strides, &dtype) {

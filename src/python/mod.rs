@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
 use crate::checks::{check_disjoint, extent, Owner, Span};
+use crate::convert::{self, Half};
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
@@ -168,12 +169,20 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Dtype {
         let unsupported =
             |got: String| Error::DType { what: "module".into(), expected: "float32 or float64".into(), got };
         let descr = PyArrayDescr::new(py, &*value).map_err(|_| unsupported(describe(&value)))?;
+        let name: String = descr.getattr("name")?.extract()?;
         if descr.is_equiv_to(&dtype::<f32>(py)) {
             Ok(Dtype::F32)
         } else if descr.is_equiv_to(&dtype::<f64>(py)) {
             Ok(Dtype::F64)
+        } else if matches!(name.as_str(), "float16" | "bfloat16") {
+            // Refused with the way out: half inputs run on float32 modules, as PyTorch's mixed precision.
+            let expected = format!(
+                "float32 or float64 (a module's state cannot be {name}; a float32 module takes {name} inputs, \
+                 with float32 statistics and parameters, as PyTorch's mixed precision does)"
+            );
+            Err(Error::DType { what: "module".into(), expected, got: name }.into())
         } else {
-            Err(unsupported(descr.str()?.to_string()).into())
+            Err(unsupported(name).into())
         }
     }
 }
@@ -353,6 +362,97 @@ fn output<'py, T: Float>(
 #[allow(clippy::mut_from_ref)] // the array is the owner; the caller upholds exclusivity
 unsafe fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Result<&'a mut [T]> {
     array.as_slice_mut().map_err(|e| Error::BadOutput(e.to_string()))
+}
+
+/// A float16 or bfloat16 array (bfloat16 as `ml_dtypes` defines it for NumPy), with its dtype:
+/// float32 modules and the float32 functional API take these as PyTorch's mixed precision does,
+/// normalized in float32 from the input's exact float32 values, every statistic, parameter and
+/// gradient kept in float32, the output (and grad_input) rounded once to the input's dtype.
+fn half_dtype<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<(Half, Bound<'py, PyArrayDescr>)>> {
+    let Ok(array) = value.cast::<PyUntypedArray>() else { return Ok(None) };
+    let descr = array.dtype();
+    let name: String = descr.getattr("name")?.extract()?;
+    Ok(match name.as_str() {
+        "float16" => Some((Half::F16, descr)),
+        "bfloat16" => Some((Half::BF16, descr)),
+        _ => None,
+    })
+}
+
+/// `value` (C-contiguous and aligned, copied if it is not) as the bits of its values, borrowed for
+/// as long as the returned array lives.
+fn half_bits<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let require = PyDict::new(value.py());
+    require.set_item("requirements", ["C", "A"])?;
+    Ok(value.py().import("numpy")?.call_method("require", (value,), Some(&require))?.cast_into()?)
+}
+
+/// The float32 values of a half array (exact: every float16 and bfloat16 is a float32).
+fn widened<'py>(value: &Bound<'py, PyAny>, half: Half) -> PyResult<Bound<'py, PyAny>> {
+    let py = value.py();
+    let source = half_bits(value)?;
+    let wide = py.import("numpy")?.call_method1("empty", (source.shape().to_vec(), dtype::<f32>(py)))?;
+    let wide = wide.cast_into::<PyArrayDyn<f32>>()?;
+    // SAFETY: `source` is C-contiguous and aligned, of `len` two-byte values, and lives past the call.
+    let bits = unsafe { std::slice::from_raw_parts((*source.as_array_ptr()).data as *const u16, source.len()) };
+    // SAFETY: `wide` is fresh; nothing else refers to it.
+    let values = unsafe { wide.as_slice_mut() }.map_err(|e| Error::BadOutput(e.to_string()))?;
+    py.detach(|| convert::widen(half, bits, values))?;
+    Ok(wide.into_any())
+}
+
+/// Where the half result of a call on `input` goes: a fresh array of its shape and dtype `half`,
+/// or the caller's `out=` after checking it (that dtype and shape, writeable, sharing no memory
+/// with `input`).
+fn half_output<'py>(
+    input: &Bound<'py, PyAny>,
+    half: &Bound<'py, PyArrayDescr>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = input.py();
+    let input = input.cast::<PyUntypedArray>()?;
+    let Some(out) = out.filter(|o| !o.is_none()) else {
+        return py.import("numpy")?.call_method1("empty", (input.shape().to_vec(), half));
+    };
+    let array =
+        out.cast::<PyUntypedArray>().map_err(|_| Error::NotAnArray { what: "out".into(), got: type_name(out) })?;
+    if !array.dtype().is_equiv_to(half) {
+        let expected = half.str()?.to_string();
+        return Err(Error::DType { what: "out".into(), expected, got: dtype_name(array) }.into());
+    }
+    if array.shape() != input.shape() {
+        let (expected, got) = (input.shape().to_vec(), array.shape().to_vec());
+        return Err(Error::ShapeMismatch { what: "out".into(), expected, got }.into());
+    }
+    if !is_writeable(array) {
+        return Err(Error::BadOutput("out must be writeable, got a read-only array".into()).into());
+    }
+    check_disjoint(&array_span("out", array), &[array_span("the input", input)])?;
+    Ok(out.clone())
+}
+
+/// Rounds the float32 `result` (a fresh C-contiguous array) into the half array `target` (to
+/// nearest, ties to even): in place where `target` is C-contiguous and aligned, else through a
+/// C-contiguous copy.
+fn narrow_into(target: &Bound<'_, PyAny>, result: &Bound<'_, PyAny>, half: Half) -> PyResult<()> {
+    let py = target.py();
+    let result = result.cast::<PyArrayDyn<f32>>()?;
+    let direct = target.cast::<PyUntypedArray>()?.is_c_contiguous() && flags(target.cast()?) & NPY_ARRAY_ALIGNED != 0;
+    let staged = if direct { target.clone() } else { py.import("numpy")?.call_method1("empty_like", (target,))? };
+    let staged = staged.cast_into::<PyUntypedArray>()?;
+    if !staged.is_c_contiguous() {
+        return Err(Error::BadOutput("a half output could not be staged C-contiguous".into()).into());
+    }
+    let values = result.readonly();
+    let values = values.as_slice().map_err(|e| Error::BadOutput(e.to_string()))?;
+    // SAFETY: `staged` is C-contiguous, aligned and writeable (checked by `half_output`, or fresh),
+    // of as many two-byte values as `result`, and shares no memory with it.
+    let bits = unsafe { std::slice::from_raw_parts_mut((*staged.as_array_ptr()).data as *mut u16, staged.len()) };
+    py.detach(|| convert::narrow(half, values, bits))?;
+    if !direct {
+        py.import("numpy")?.call_method1("copyto", (target, staged))?;
+    }
+    Ok(())
 }
 
 /// Locks a module's state without holding the GIL while waiting, so a long forward on one
@@ -762,6 +862,11 @@ impl PyBatchNorm {
             };
         }
         let input = &host_input(input, "input", stream)?;
+        if let (Dtype::F32, Some((half, descr))) = (this.dtype, half_dtype(input)?) {
+            let target = half_output(input, &descr, out)?;
+            narrow_into(&target, Self::forward_typed::<f32>(slf, &widened(input, half)?, None)?.as_any(), half)?;
+            return Ok(target);
+        }
         match this.dtype {
             Dtype::F32 => Self::forward_typed::<f32>(slf, input, out).map(Bound::into_any),
             Dtype::F64 => Self::forward_typed::<f64>(slf, input, out).map(Bound::into_any),
@@ -796,6 +901,12 @@ impl PyBatchNorm {
             };
         }
         let grad_output = &host_input(grad_output, "grad_output", stream)?;
+        if let (Dtype::F32, Some((half, descr))) = (this.dtype, half_dtype(grad_output)?) {
+            let target = half_output(grad_output, &descr, out)?;
+            let result = Self::backward_typed::<f32>(slf, &widened(grad_output, half)?, None)?;
+            narrow_into(&target, result.as_any(), half)?;
+            return Ok(target);
+        }
         match this.dtype {
             Dtype::F32 => Self::backward_typed::<f32>(slf, grad_output, out).map(Bound::into_any),
             Dtype::F64 => Self::backward_typed::<f64>(slf, grad_output, out).map(Bound::into_any),
@@ -1239,6 +1350,14 @@ fn batch_norm<'py>(
     let running_mean = running_mean.filter(|v| !v.is_none());
     let running_var = running_var.filter(|v| !v.is_none());
     let input = &host_input(input, "input", None)?;
+    if let Some((half, descr)) = half_dtype(input)? {
+        let target = half_output(input, &descr, out)?;
+        let wide = widened(input, half)?;
+        let result =
+            batch_norm_typed::<f32>(&wide, running_mean, running_var, weight, bias, training, momentum, eps, None)?;
+        narrow_into(&target, &result, half)?;
+        return Ok(target);
+    }
     match input_dtype(input)? {
         Dtype::F32 => {
             batch_norm_typed::<f32>(input, running_mean, running_var, weight, bias, training, momentum, eps, out)
@@ -1325,6 +1444,17 @@ fn batch_norm_backward<'py>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (input, grad_output) = (&host_input(input, "input", None)?, &host_input(grad_output, "grad_output", None)?);
+    if let Some((half, descr)) = half_dtype(input)? {
+        let target = half_output(grad_output, &descr, out)?;
+        if half_dtype(grad_output)?.is_none_or(|(dy_half, _)| dy_half != half) {
+            let got = grad_output.cast::<PyUntypedArray>().map_or_else(|_| type_name(grad_output), dtype_name);
+            return Err(Error::DType { what: "grad_output".into(), expected: descr.str()?.to_string(), got }.into());
+        }
+        let (dy, x) = (widened(grad_output, half)?, widened(input, half)?);
+        let grads = batch_norm_backward_typed::<f32>(&dy, &x, running_mean, running_var, weight, training, eps, None)?;
+        narrow_into(&target, &grads.get_item(0)?, half)?;
+        return PyTuple::new(input.py(), [target, grads.get_item(1)?, grads.get_item(2)?]);
+    }
     match input_dtype(input)? {
         Dtype::F32 => {
             batch_norm_backward_typed::<f32>(grad_output, input, running_mean, running_var, weight, training, eps, out)
