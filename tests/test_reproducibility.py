@@ -24,12 +24,14 @@ def placed(values, skip):
 
 
 def everything(x, dy, skip, dtype):
-    """Each result of a training step, an eval step and the functional API, as raw bytes."""
+    """Each result of a training step, an eval step and the functional API, as raw bytes. Half inputs
+    (float16, bfloat16) run on a float32 module with float32 running buffers."""
     channels = x.shape[1]
     x, dy = placed(x, skip), placed(dy, skip)
     out = placed(np.zeros(x.shape, dtype), skip)
-    m = batchnorm.BatchNorm2d(channels, momentum=0.3, dtype=dtype)
-    m.weight = np.linspace(0.5, 2.0, channels).astype(dtype)
+    state_dtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+    m = batchnorm.BatchNorm2d(channels, momentum=0.3, dtype=state_dtype)
+    m.weight = np.linspace(0.5, 2.0, channels).astype(state_dtype)
     results = {}
     m(x, out=out)
     results["y"] = out.tobytes()
@@ -42,7 +44,7 @@ def everything(x, dy, skip, dtype):
     results["y eval"] = out.tobytes()
     m.backward(dy, out=out)
     results["grad_input eval"] = out.tobytes()
-    mean, var = np.full(channels, 0.5, dtype), np.full(channels, 2.0, dtype)
+    mean, var = np.full(channels, 0.5, state_dtype), np.full(channels, 2.0, state_dtype)
     batchnorm.functional.batch_norm(x, mean, var, training=True, momentum=0.1, eps=1e-3, out=out)
     results["y functional"] = out.tobytes() + mean.tobytes() + var.tobytes()
     grads = batchnorm.functional.batch_norm_backward(dy, x, training=True, out=out)
@@ -80,6 +82,21 @@ def test_float32_results_are_the_same_bits_at_every_thread_count_and_address(sha
 @pytest.mark.parametrize("shape", [(32, 64, 56, 56), (64, 256, 14, 14), (2, 3, 300, 301)], ids=str)
 def test_float64_results_are_the_same_bits_at_every_thread_count_and_address(shape, restore_threads):
     check(shape, np.float64, [2, 7], [0, 1])
+
+
+HALF = [np.float16]
+try:
+    import ml_dtypes
+
+    HALF.append(ml_dtypes.bfloat16)
+except ImportError:
+    pass
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (2, 3, 300, 301), (3, 7, 33, 17)], ids=str)
+def test_half_results_are_the_same_bits_at_every_thread_count_and_address(shape, dtype, restore_threads):
+    check(shape, dtype, [2, 3, 7], [0, 1, 3])
 
 
 def test_the_comparison_sees_a_one_bit_difference():
