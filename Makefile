@@ -63,6 +63,15 @@ lint: ## rustfmt, clippy with and without the python feature, ruff and mypy.stub
 	$(PYTHON) -m ruff format --check python tests
 	$(PYTHON) -m mypy.stubtest batchnorm._core
 
+.PHONY: gpu-prep
+gpu-prep: ## build what benches/gpu_session.sh runs on a GPU machine into .gpu/: the wheel and the Rust GPU tests
+	rm -rf .gpu && mkdir -p .gpu
+	$(PYTHON) -m pip install --quiet "maturin>=1.16,<2"
+	$(PYTHON) -m maturin build --release -o .gpu
+	cp "$$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>/dev/null \
+	  | $(PYTHON) -c "import json, sys; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")" \
+	  .gpu/cuda-tests
+
 .PHONY: bench-rust
 bench-rust: ## criterion benches of the CPU kernels
 	cargo bench

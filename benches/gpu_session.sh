@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU issue checks, in one call on a lent GPU machine (about 6 minutes), run from the
-# repository root there. Prepare here first (no GPU needed):
-#   maturin build --release -o .gpu && cargo test --release --features cuda --test cuda --no-run
-#   cp "$(ls -t target/release/deps/cuda-* | grep -v '\.d$' | head -1)" .gpu/cuda-tests
-# then run `bash benches/gpu_session.sh` there with .gpu carried. Logs and the benchmark's JSON go
+# repository root there. Prepare here first (no GPU needed): `make gpu-prep` builds the wheel and the
+# Rust GPU tests into .gpu/ (ignored by git); then run `bash benches/gpu_session.sh`
+# there with .gpu carried. Logs and the benchmark's JSON go
 # under $OUT. Every step has its own time limit, so one hang costs only its own share.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
