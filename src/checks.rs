@@ -2,8 +2,9 @@
 //! these, so a rule and its message are written once.
 
 use crate::config::Buffer;
+use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::shape::{Dims, Shape};
+use crate::shape::{Dims, Shape, TensorMut};
 
 /// `num_features` of a module: at least one channel.
 pub fn check_num_features(count: usize) -> Result<()> {
@@ -57,6 +58,19 @@ pub fn check_output_len(shape: Shape, len: usize) -> Result<()> {
         return Err(Error::Length { what: "output", expected: shape.numel(), got: len });
     }
     Ok(())
+}
+
+/// Where a result of `shape` goes: as many values, and half values only from float32 (their
+/// computation runs in float32 and narrows).
+pub fn check_target<T: Element>(shape: Shape, target: &TensorMut<'_, T>) -> Result<()> {
+    if matches!(target, TensorMut::Half(..)) && T::as_f32(&[]).is_none() {
+        return Err(Error::DType {
+            what: "output".into(),
+            expected: T::DTYPE.into(),
+            got: "float16 or bfloat16 (half output comes from float32 inputs and modules)".into(),
+        });
+    }
+    check_output_len(shape, target.len())
 }
 
 /// An array of a backward (`what`) with the dims of the forward's input.

@@ -24,6 +24,9 @@ pub trait Element:
     const ZERO: Self;
     fn to_f64(self) -> f64;
     fn from_f64(value: f64) -> Self;
+    /// The values as `f32`s when they are: half storage converts to and from f32 blocks.
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Element for f32 {
@@ -37,6 +40,12 @@ impl Element for f32 {
     fn from_f64(value: f64) -> Self {
         value as f32
     }
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
+    }
+    fn as_f32_mut(values: &mut [Self]) -> Option<&mut [f32]> {
+        Some(values)
+    }
 }
 
 impl Element for f64 {
@@ -49,5 +58,11 @@ impl Element for f64 {
     #[inline(always)]
     fn from_f64(value: f64) -> Self {
         value
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
 }

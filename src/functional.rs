@@ -1,14 +1,14 @@
 //! `torch.nn.functional.batch_norm` and its backward, on slices: for callers with their own
 //! module or autograd. [`crate::BatchNorm`] is built on these two functions.
 
-use crate::checks::{check_batch_size, check_eps, check_len, check_output_len};
+use crate::checks::{check_batch_size, check_eps, check_len, check_target};
 use crate::cpu::backward::{through_batch_stats, through_fixed_stats};
 use crate::cpu::forward::{self, inv_std, ChannelAffine};
 use crate::cpu::kernels::Moments;
 use crate::cpu::simd::SimdLevel;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::shape::{Shape, TensorRef};
+use crate::shape::{Shape, TensorMut, TensorRef};
 
 /// What a forward normalized with, kept for its backward: per-channel mean and 1/sqrt(var + eps),
 /// and whether they were the batch's own statistics (so gradients flow through them) or
@@ -84,16 +84,19 @@ pub struct ParamGrads<T> {
     pub grad_bias: Vec<T>,
 }
 
-/// `torch.nn.functional.batch_norm`: normalizes `x` into `y` (C-contiguous, same shape).
+/// `torch.nn.functional.batch_norm`: normalizes `x` into `y` (C-contiguous, same shape): a
+/// slice of the element type, or [`TensorMut::Half`] output of a float32 computation (with `x`
+/// from [`TensorRef::half`]: a float16 or bfloat16 batch normalized with float32 statistics, as
+/// PyTorch's mixed precision).
 ///
 /// With `training`, uses the batch's statistics and, when running buffers are given, updates
 /// them in place: `running = (1 − momentum)·running + momentum·batch`, with the unbiased
 /// variance for `running_var`. Without `training`, normalizes with the running buffers, which
 /// must then be given. Nothing is written unless every argument is valid.
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm<T: Element>(
+pub fn batch_norm<'y, T: Element>(
     x: &TensorRef<'_, T>,
-    y: &mut [T],
+    y: impl Into<TensorMut<'y, T>>,
     running_mean: Option<&mut [T]>,
     running_var: Option<&mut [T]>,
     weight: Option<&[T]>,
@@ -102,10 +105,11 @@ pub fn batch_norm<T: Element>(
     momentum: f64,
     eps: f64,
 ) -> Result<SavedStats> {
+    let y = y.into();
     let shape = x.shape();
     let c = shape.c;
     check_eps(eps, training)?;
-    check_output_len(shape, y.len())?;
+    check_target(shape, &y)?;
     if let Some(w) = weight {
         check_len("weight", w.len(), c)?;
     }
@@ -156,15 +160,17 @@ pub fn batch_norm<T: Element>(
     Ok(SavedStats::of_moments(shape, &moments, eps))
 }
 
-/// The backward of [`batch_norm`]: writes grad_input into `dx` (C-contiguous) and returns the
-/// gradients of weight and bias (computed whether or not the forward had them).
-pub fn batch_norm_backward<T: Element>(
+/// The backward of [`batch_norm`]: writes grad_input into `dx` (C-contiguous; half output as for
+/// [`batch_norm`]) and returns the gradients of weight and bias (computed whether or not the
+/// forward had them).
+pub fn batch_norm_backward<'d, T: Element>(
     dy: &TensorRef<'_, T>,
     x: &TensorRef<'_, T>,
-    dx: &mut [T],
+    dx: impl Into<TensorMut<'d, T>>,
     saved: &SavedStats,
     weight: Option<&[T]>,
 ) -> Result<ParamGrads<T>> {
+    let dx = dx.into();
     let shape = saved.shape;
     for (what, got) in [("input", x.shape()), ("grad_output", dy.shape())] {
         if got != shape {
@@ -175,7 +181,7 @@ pub fn batch_norm_backward<T: Element>(
             });
         }
     }
-    check_output_len(shape, dx.len())?;
+    check_target(shape, &dx)?;
     if let Some(w) = weight {
         check_len("weight", w.len(), shape.c)?;
     }

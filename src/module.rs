@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use crate::checks::{check_batch_size, check_channels, check_eps, check_len, check_num_features, check_output_len};
-use crate::checks::{check_same_dims, Owner, Span};
+use crate::checks::{check_batch_size, check_channels, check_eps, check_len, check_num_features};
+use crate::checks::{check_same_dims, check_target, Owner, Span};
 use crate::config::{Buffer, Config, ConfigOverrides, NUM_BATCHES_TRACKED};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::functional::{batch_norm, batch_norm_backward, SavedStats};
-use crate::shape::{Dims, Ranks, Shape, TensorRef};
+use crate::shape::{Dims, Ranks, Shape, TensorMut, TensorRef};
 use crate::state::{quoted_list, size_mismatch, LoadReport, StateTensor};
 use crate::state_file::{self, RawTensor, TensorFile};
 
@@ -396,11 +396,18 @@ impl<T: Element> BatchNorm<T> {
     /// tracked statistics, updates the running buffers and counts the batch; keeps what
     /// [`Self::backward`] needs. A call that fails changes nothing. On a device, `x` and `y` are
     /// staged through device memory (a convenience; device tensors are the fast path).
-    pub fn forward(&mut self, x: &TensorRef<'_, T>, y: &mut [T]) -> Result<()> {
+    ///
+    /// `y` is a slice of the element type, or [`TensorMut::Half`] output: a float32 module given
+    /// `x` from [`TensorRef::half`] and half output runs PyTorch's mixed precision (float32
+    /// statistics, parameters and gradients; the output rounded once to the input's dtype), on the
+    /// CPU.
+    pub fn forward<'y>(&mut self, x: &TensorRef<'_, T>, y: impl Into<TensorMut<'y, T>>) -> Result<()> {
+        let y = y.into();
         let plan = self.begin_forward(x.shape(), x.dims())?;
-        check_output_len(x.shape(), y.len())?;
+        check_target(x.shape(), &y)?;
         #[cfg(feature = "cuda")]
         if let Some(arrays) = &self.device {
+            let TensorMut::Values(y) = y else { return Err(Self::half_on_device()) };
             let device = arrays.device().clone();
             let (xb, yb) =
                 (DeviceBuffer::from_host(&device, &x.contiguous_values()?)?, DeviceBuffer::unset(&device, y.len())?);
@@ -432,6 +439,12 @@ impl<T: Element> BatchNorm<T> {
         Ok(())
     }
 
+    /// Half tensors run on the CPU only so far: the CUDA kernels read and write float32 and float64.
+    #[cfg(feature = "cuda")]
+    fn half_on_device() -> Error {
+        Error::Unsupported("float16 and bfloat16 tensors run on the CPU only so far: move the module to the CPU".into())
+    }
+
     /// What the last forward on the CPU normalized with.
     pub fn saved(&self) -> Option<&SavedStats> {
         match &self.saved {
@@ -442,10 +455,18 @@ impl<T: Element> BatchNorm<T> {
 
     /// Writes grad_input of the last forward (whose input `x` was) into `dx`, and adds the
     /// weight and bias gradients into [`Self::grad_weight`] and [`Self::grad_bias`].
-    pub fn backward(&mut self, x: &TensorRef<'_, T>, dy: &TensorRef<'_, T>, dx: &mut [T]) -> Result<()> {
+    /// `dx` takes what `y` of [`Self::forward`] takes (half grad_input of half tensors).
+    pub fn backward<'d>(
+        &mut self,
+        x: &TensorRef<'_, T>,
+        dy: &TensorRef<'_, T>,
+        dx: impl Into<TensorMut<'d, T>>,
+    ) -> Result<()> {
+        let dx = dx.into();
+        check_target(x.shape(), &dx)?;
         #[cfg(feature = "cuda")]
         if let Some(arrays) = &self.device {
-            check_output_len(x.shape(), dx.len())?;
+            let TensorMut::Values(dx) = dx else { return Err(Self::half_on_device()) };
             let device = arrays.device().clone();
             let xb = DeviceBuffer::from_host(&device, &x.contiguous_values()?)?;
             let dyb = DeviceBuffer::from_host(&device, &dy.contiguous_values()?)?;

@@ -6,6 +6,8 @@
 //! is contiguous and gathered into a small buffer when it is not (channels-last, Fortran order,
 //! negative strides).
 
+use crate::convert::{self, Half};
+use crate::element::Element;
 use crate::error::{shape_str, Error, Result};
 
 /// Which input ranks a call accepts, and how it reads them.
@@ -239,9 +241,11 @@ pub struct TensorRef<'a, T> {
     /// The longest stretch of logical positions with a constant address step: (length, step).
     run: (usize, isize),
     dims: Dims,
+    /// Half values (their bits) that reads widen to f32, in place of `data` (see [`TensorRef::half`]).
+    half: Option<(&'a [u16], Half)>,
 }
 
-impl<'a, T: Copy + Default> TensorRef<'a, T> {
+impl<'a, T: Element> TensorRef<'a, T> {
     /// A C-contiguous tensor: `data.len()` must equal `shape.numel()`.
     pub fn contiguous(data: &'a [T], shape: Shape) -> Result<Self> {
         shape.check_size::<T>()?;
@@ -254,6 +258,11 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
     /// A strided tensor whose element (n, c, h, w) is
     /// `data[offset + n·s0 + c·s1 + h·s2 + w·s3]`.
     pub fn strided(data: &'a [T], offset: usize, shape: Shape, strides: [isize; 4]) -> Result<Self> {
+        Self::over(data, data.len(), offset, shape, strides)
+    }
+
+    /// A strided view of `len` values (those of `data`, or of half storage).
+    fn over(data: &'a [T], len: usize, offset: usize, shape: Shape, strides: [isize; 4]) -> Result<Self> {
         shape.check_size::<T>()?;
         if shape.numel() > 0 {
             let (mut lowest, mut highest) = (offset as i128, offset as i128);
@@ -265,8 +274,8 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
                     highest += reach;
                 }
             }
-            if lowest < 0 || highest >= data.len() as i128 {
-                return Err(Error::OutOfBounds { what: "strided view", lowest, highest, len: data.len() });
+            if lowest < 0 || highest >= len as i128 {
+                return Err(Error::OutOfBounds { what: "strided view", lowest, highest, len });
             }
         }
         let [_, _, sh, sw] = strides;
@@ -279,7 +288,7 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
         } else {
             (shape.w, sw)
         };
-        Ok(TensorRef { data, offset, shape, strides, run, dims: shape.as_dims() })
+        Ok(TensorRef { data, offset, shape, strides, run, dims: shape.as_dims(), half: None })
     }
 
     /// A tensor of `dims` (N, C, *) with element `strides`, read as `ranks` says (see
@@ -352,7 +361,7 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
     /// Whether [`Self::read`] borrows every plane in place (and so never uses its buffer).
     #[inline(always)]
     pub(crate) fn reads_in_place(&self) -> bool {
-        self.run == (self.shape.plane(), 1)
+        self.half.is_none() && self.run == (self.shape.plane(), 1)
     }
 
     /// Values at offsets `w..w + len` of plane (n, c): borrowed when the plane is contiguous,
@@ -360,6 +369,10 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
     /// planes into blocks never depends on the layout.
     #[inline(always)]
     pub(crate) fn read<'s>(&'s self, n: usize, c: usize, w: usize, len: usize, buf: &'s mut [T]) -> &'s [T] {
+        if let Some((bits, half)) = self.half {
+            self.widen(bits, half, n, c, w, &mut buf[..len]);
+            return &buf[..len];
+        }
         if self.reads_in_place() {
             let start = self.address(n, c, w);
             return &self.data[start..start + len];
@@ -377,5 +390,91 @@ impl<'a, T: Copy + Default> TensorRef<'a, T> {
             done += stretch;
         }
         gathered
+    }
+
+    /// Half values at offsets `w..` of plane (n, c), widened into `out`: contiguous runs through
+    /// the slice conversion (F16C where the CPU has it), other steps value by value. Only f32
+    /// tensors hold half storage (see [`TensorRef::half`]), so `out` is always f32.
+    #[inline(always)]
+    fn widen(&self, bits: &[u16], half: Half, n: usize, c: usize, w: usize, out: &mut [T]) {
+        let Some(out) = T::as_f32_mut(out) else { return };
+        let (run, step) = self.run;
+        let len = out.len();
+        let mut done = 0;
+        while done < len {
+            let at = w + done;
+            let stretch = (run - at % run).min(len - done);
+            let start = self.address(n, c, at);
+            let target = &mut out[done..done + stretch];
+            if step == 1 {
+                convert::widen_block(half, &bits[start..start + stretch], target);
+            } else {
+                for (i, slot) in target.iter_mut().enumerate() {
+                    *slot = convert::widen_one(half, bits[(start as isize + i as isize * step) as usize]);
+                }
+            }
+            done += stretch;
+        }
+    }
+}
+
+impl<'a> TensorRef<'a, f32> {
+    /// A tensor of float16 or bfloat16 values (their bits) of `dims` with element `strides`, read as
+    /// `ranks` says, that the kernels read as f32: each block is widened (exactly) as it is read,
+    /// so the results are those of the f32 tensor of the same values, bit for bit.
+    pub fn half(
+        bits: &'a [u16],
+        half: Half,
+        offset: usize,
+        dims: &[usize],
+        strides: &[isize],
+        ranks: Ranks,
+    ) -> Result<Self> {
+        let Some((shape, strides)) = Shape::view_of(dims, strides, ranks, "input")? else {
+            return Err(Error::InvalidArgument(format!(
+                "an input of shape {} whose spatial strides do not nest cannot be read in place: copy it \
+                 C-contiguous first",
+                shape_str(dims)
+            )));
+        };
+        let view = Self::over(&[], bits.len(), offset, shape, strides)?;
+        Ok(TensorRef { dims: Dims::new(dims, ranks), half: Some((bits, half)), ..view })
+    }
+}
+
+/// Where a C-contiguous result goes: values of the element type, or half values (their bits) of a
+/// float32 computation, each block narrowed (to nearest, ties to even) as it is written.
+pub enum TensorMut<'a, T> {
+    Values(&'a mut [T]),
+    Half(&'a mut [u16], Half),
+}
+
+impl<T> TensorMut<'_, T> {
+    pub fn len(&self) -> usize {
+        match self {
+            TensorMut::Values(values) => values.len(),
+            TensorMut::Half(bits, _) => bits.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'a, T> From<&'a mut [T]> for TensorMut<'a, T> {
+    fn from(values: &'a mut [T]) -> Self {
+        TensorMut::Values(values)
+    }
+}
+
+impl<'a, T> From<&'a mut Vec<T>> for TensorMut<'a, T> {
+    fn from(values: &'a mut Vec<T>) -> Self {
+        TensorMut::Values(values)
+    }
+}
+
+impl<'a, T, const N: usize> From<&'a mut [T; N]> for TensorMut<'a, T> {
+    fn from(values: &'a mut [T; N]) -> Self {
+        TensorMut::Values(values)
     }
 }

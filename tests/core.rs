@@ -308,3 +308,66 @@ fn every_kind_normalizes_every_rank_it_takes() {
     assert!(matches!(err, Err(Error::Rank { .. })), "{err:?}");
     assert_eq!(bn1d.num_batches_tracked(), Some(0));
 }
+
+/// Half tensors (read with `TensorRef::half`, written through `TensorMut::Half`) give the bits of
+/// the same values in float32, rounded once: for contiguous, channels-last and padded layouts, in
+/// train, eval and backward, at the plans these shapes choose.
+#[test]
+fn half_tensors_give_the_bits_of_their_float32_values_rounded_once() {
+    use batchnorm::convert::Half;
+    use batchnorm::TensorMut;
+    use half::{bf16, f16};
+    let narrow = |half: Half, v: f32| match half {
+        Half::F16 => f16::from_f32(v).to_bits(),
+        Half::BF16 => bf16::from_f32(v).to_bits(),
+    };
+    let widen = |half: Half, b: u16| match half {
+        Half::F16 => f16::from_bits(b).to_f32(),
+        Half::BF16 => bf16::from_bits(b).to_f32(),
+    };
+    for half in [Half::F16, Half::BF16] {
+        for shape in [Shape::new(4, 3, 5, 7), Shape::new(16, 8, 32, 32), Shape::new(2, 2, 150, 151)] {
+            let bits: Vec<u16> = data(shape.numel(), 11, 2.0).iter().map(|&v| narrow(half, (v * 3.0) as f32)).collect();
+            let values: Vec<f32> = bits.iter().map(|&b| widen(half, b)).collect();
+            let dims = shape.dims();
+            // The same values channels-last: (N, H, W, C) memory viewed as (N, C, H, W).
+            let (c, h, w) = (shape.c, shape.h, shape.w);
+            let mut nhwc = vec![0u16; bits.len()];
+            for (i, &b) in bits.iter().enumerate() {
+                let (ni, ci, hi, wi) = (i / (c * h * w), i / (h * w) % c, i / w % h, i % w);
+                nhwc[((ni * h + hi) * w + wi) * c + ci] = b;
+            }
+            let cl_strides = [(h * w * c) as isize, 1, (w * c) as isize, c as isize];
+            let layouts: [(&[u16], Vec<isize>); 2] =
+                [(&bits, vec![(c * h * w) as isize, (h * w) as isize, w as isize, 1]), (&nhwc, cl_strides.to_vec())];
+            for (storage, strides) in layouts {
+                let mut wide = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(c)).unwrap();
+                let mut narrow_module = BatchNorm::<f32>::new(Kind::BatchNorm2d, Config::new(c)).unwrap();
+                let xr = TensorRef::contiguous(&values, shape).unwrap();
+                let hr = TensorRef::half(storage, half, 0, &dims, &strides, Ranks::Planes).unwrap();
+                for training in [true, false] {
+                    wide.set_training(training);
+                    narrow_module.set_training(training);
+                    let (mut y, mut yb) = (vec![0f32; values.len()], vec![0u16; values.len()]);
+                    wide.forward(&xr, &mut y).unwrap();
+                    narrow_module.forward(&hr, TensorMut::Half(&mut yb, half)).unwrap();
+                    let expected: Vec<u16> = y.iter().map(|&v| narrow(half, v)).collect();
+                    assert_eq!(yb, expected, "{half:?} {shape:?} {strides:?} training {training}");
+                    let (mut dx, mut dxb) = (vec![0f32; values.len()], vec![0u16; values.len()]);
+                    wide.backward(&xr, &xr, &mut dx).unwrap();
+                    narrow_module.backward(&hr, &hr, TensorMut::Half(&mut dxb, half)).unwrap();
+                    let expected: Vec<u16> = dx.iter().map(|&v| narrow(half, v)).collect();
+                    assert_eq!(dxb, expected, "grad_input {half:?} {shape:?} {strides:?}");
+                }
+                assert_eq!(wide.running_var(), narrow_module.running_var());
+                assert_eq!(wide.grad_weight(), narrow_module.grad_weight());
+            }
+        }
+    }
+    // Half output of a float64 computation is refused: half results come from float32.
+    let mut f64_module = BatchNorm::<f64>::new(Kind::BatchNorm2d, Config::new(1)).unwrap();
+    let x = [1.0, 2.0];
+    let err = f64_module
+        .forward(&TensorRef::contiguous(&x, Shape::new(2, 1, 1, 1)).unwrap(), TensorMut::Half(&mut [0; 2], Half::F16));
+    assert!(matches!(err, Err(Error::DType { .. })), "{err:?}");
+}

@@ -8,7 +8,7 @@ use super::simd::{store_fence, PartTask, SimdLevel};
 use super::{fold_pieces, for_each_block, At, Part, Passes, Plan, SharedOut};
 use crate::element::Element;
 use crate::error::Result;
-use crate::shape::TensorRef;
+use crate::shape::{TensorMut, TensorRef};
 
 /// Per-channel sums the parameter gradients are made of.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -95,8 +95,14 @@ impl<'a, T: Element> Channels<'a, T> {
             |at: At, [xs, gs]| {
                 let (mean_dy, k, scale) = coefficients[at.c - part.channels.start];
                 // SAFETY: parts are disjoint and this task owns every block of its part.
-                let out = unsafe { self.dx.block(at, xs.len()) };
-                grad_input_batch(simd, self.dx.stream(), xs, gs, out, self.mean[at.c], mean_dy, k, scale);
+                unsafe {
+                    self.dx.write_block(
+                        at,
+                        xs.len(),
+                        #[inline(always)]
+                        |out| grad_input_batch(simd, self.dx.stream(), xs, gs, out, self.mean[at.c], mean_dy, k, scale),
+                    )
+                };
             },
         );
         if self.dx.stream() {
@@ -177,8 +183,14 @@ impl<T: Element> PartTask for Fixed<'_, T> {
             #[inline(always)]
             |at: At, _, gs| {
                 // SAFETY: parts are disjoint and this task owns every block of its part.
-                let out = unsafe { channels.dx.block(at, gs.len()) };
-                grad_input_fixed(simd, channels.dx.stream(), gs, out, T::from_f64(channels.scale[at.c]));
+                unsafe {
+                    channels.dx.write_block(
+                        at,
+                        gs.len(),
+                        #[inline(always)]
+                        |out| grad_input_fixed(simd, channels.dx.stream(), gs, out, T::from_f64(channels.scale[at.c])),
+                    )
+                };
             },
         );
         if channels.dx.stream() {
@@ -193,7 +205,7 @@ impl<T: Element> PartTask for Fixed<'_, T> {
 pub(crate) fn through_batch_stats<T: Element>(
     x: &TensorRef<'_, T>,
     dy: &TensorRef<'_, T>,
-    dx: &mut [T],
+    dx: TensorMut<'_, T>,
     mean: &[f64],
     invstd: &[f64],
     weight: Option<&[T]>,
@@ -215,7 +227,7 @@ pub(crate) fn through_batch_stats<T: Element>(
 pub(crate) fn through_fixed_stats<T: Element>(
     x: &TensorRef<'_, T>,
     dy: &TensorRef<'_, T>,
-    dx: &mut [T],
+    dx: TensorMut<'_, T>,
     mean: &[f64],
     invstd: &[f64],
     weight: Option<&[T]>,

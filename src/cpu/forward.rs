@@ -5,7 +5,7 @@ use super::simd::{store_fence, PartTask, SimdLevel};
 use super::{fold_pieces, for_each_block, At, Part, Passes, Plan, SharedOut, BLOCK};
 use crate::element::Element;
 use crate::error::Result;
-use crate::shape::TensorRef;
+use crate::shape::{TensorMut, TensorRef};
 use pulp::Simd;
 
 /// Per-channel y = (x − mean) · scale + offset, in the storage type.
@@ -71,8 +71,14 @@ fn normalize_part<T: Element, S: Simd>(
         |at: At, [xs]| {
             let a = affine(at.c);
             // SAFETY: parts are disjoint and this task owns every block of its part.
-            let ys = unsafe { y.block(at, xs.len()) };
-            normalize(simd, y.stream(), xs, ys, a.mean, a.scale, a.offset);
+            unsafe {
+                y.write_block(
+                    at,
+                    xs.len(),
+                    #[inline(always)]
+                    |ys| normalize(simd, y.stream(), xs, ys, a.mean, a.scale, a.offset),
+                )
+            };
         },
     );
     if y.stream() {
@@ -145,7 +151,7 @@ impl<T: Element> PartTask for Train<'_, T> {
 /// with them. Returns each channel's moments. `x` must hold at least one element.
 pub(crate) fn train<T: Element>(
     x: &TensorRef<'_, T>,
-    y: &mut [T],
+    y: TensorMut<'_, T>,
     weight: Option<&[T]>,
     bias: Option<&[T]>,
     eps: f64,
@@ -173,7 +179,7 @@ pub(crate) fn statistics<T: Element>(x: &TensorRef<'_, T>, level: SimdLevel) -> 
 /// The CPU eval forward: `y` from `x` with fixed per-channel affine maps, one read and one write.
 pub(crate) fn eval<T: Element>(
     x: &TensorRef<'_, T>,
-    y: &mut [T],
+    y: TensorMut<'_, T>,
     affine: &[ChannelAffine<T>],
     level: SimdLevel,
 ) -> Result<()> {

@@ -38,9 +38,10 @@ use std::sync::{Arc, Once, OnceLock};
 
 use rayon::ThreadPool;
 
+use crate::convert::{self, Half};
 use crate::element::Element;
 use crate::error::Result;
-use crate::shape::{Shape, TensorRef};
+use crate::shape::{Shape, TensorMut, TensorRef};
 use crate::threads;
 use simd::{PartTask, SimdLevel};
 
@@ -427,6 +428,8 @@ pub(crate) struct SharedOut<'a, T> {
     len: usize,
     shape: Shape,
     stream: bool,
+    /// Half output (its bits) that f32 blocks are narrowed into, in place of `ptr`.
+    half: Option<(*mut u16, Half)>,
     _borrow: PhantomData<&'a mut [T]>,
 }
 
@@ -434,15 +437,23 @@ pub(crate) struct SharedOut<'a, T> {
 unsafe impl<T: Send> Send for SharedOut<'_, T> {}
 unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
 
-impl<'a, T> SharedOut<'a, T> {
-    pub fn new(out: &'a mut [T], shape: Shape) -> Self {
+impl<'a, T: Element> SharedOut<'a, T> {
+    pub fn new(out: TensorMut<'a, T>, shape: Shape) -> Self {
         assert_eq!(out.len(), shape.numel(), "output length checked by the caller");
+        let out = match out {
+            TensorMut::Values(values) => values,
+            // Half output goes through an f32 block in cache: streaming stores have nothing to skip.
+            TensorMut::Half(bits, half) => {
+                let (len, half) = (bits.len(), Some((bits.as_mut_ptr(), half)));
+                return SharedOut { ptr: std::ptr::null_mut(), len, shape, stream: false, half, _borrow: PhantomData };
+            }
+        };
         let stream = size_of_val(out) >= Tuning::get().stream_at_bytes
             && shape.plane() * size_of::<T>() >= IMAGE_MAJOR_BELOW_BYTES;
         if stream {
             LAST_PLAN.with(|last| last.set(last.get().map(|report| PlanReport { streaming: true, ..report })));
         }
-        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, stream, _borrow: PhantomData }
+        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, stream, half: None, _borrow: PhantomData }
     }
 
     /// Whether blocks are written with non-temporal stores; a part that wrote any must end with
@@ -451,17 +462,26 @@ impl<'a, T> SharedOut<'a, T> {
         self.stream
     }
 
-    /// The output block of `len` values at `at`.
+    /// Writes the output block of `len` values at `at` with `write`: in place, or, for half
+    /// output, into an f32 block that is then narrowed into it.
     ///
     /// # Safety
-    /// No two live blocks may overlap: each (channel, position) must be written by one task.
-    /// Parts of a [`Plan`] are disjoint, and blocks within a part are visited one at a time.
-    #[allow(clippy::mut_from_ref)]
+    /// No two blocks written at once may overlap: each (channel, position) must be written by one
+    /// task. Parts of a [`Plan`] are disjoint, and blocks within a part are visited one at a time.
     #[inline(always)]
-    pub unsafe fn block(&self, at: At, len: usize) -> &mut [T] {
+    pub unsafe fn write_block(&self, at: At, len: usize, write: impl FnOnce(&mut [T])) {
         let start = self.shape.contiguous_index(at.n, at.c, at.w);
         assert!(start + len <= self.len, "block inside the output");
-        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+        let Some((bits, half)) = self.half else {
+            return write(std::slice::from_raw_parts_mut(self.ptr.add(start), len));
+        };
+        assert!(len <= BLOCK, "blocks are at most BLOCK values");
+        let mut staged = [T::ZERO; BLOCK];
+        write(&mut staged[..len]);
+        // Half output is only made for f32 results (see `TensorMut::Half`).
+        if let Some(values) = T::as_f32(&staged[..len]) {
+            convert::narrow_block(half, values, std::slice::from_raw_parts_mut(bits.add(start), len));
+        }
     }
 }
 
@@ -513,17 +533,20 @@ mod tests {
         let (xr, dyr) = (TensorRef::contiguous(&x, shape).unwrap(), TensorRef::contiguous(&dy, shape).unwrap());
         let weight: Vec<f32> = (0..shape.c).map(|c| 0.5 + c as f32).collect();
         let mut y = vec![0.0; shape.numel()];
-        let moments = train(&xr, &mut y, Some(&weight), None, 1e-5, level).unwrap();
+        let moments = train(&xr, y.as_mut_slice().into(), Some(&weight), None, 1e-5, level).unwrap();
         let mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
         let invstd: Vec<f64> = moments.iter().map(|m| 1.0 / (m.biased_var() + 1e-5).sqrt()).collect();
         let affine: Vec<_> =
             (0..shape.c).map(|c| ChannelAffine::new(c, mean[c], invstd[c], Some(&weight), None)).collect();
         let mut y_eval = vec![0.0; shape.numel()];
-        eval(&xr, &mut y_eval, &affine, level).unwrap();
+        eval(&xr, y_eval.as_mut_slice().into(), &affine, level).unwrap();
         let mut dx = vec![0.0; shape.numel()];
-        let sums = through_batch_stats(&xr, &dyr, &mut dx, &mean, &invstd, Some(&weight), level).unwrap();
+        let sums =
+            through_batch_stats(&xr, &dyr, dx.as_mut_slice().into(), &mean, &invstd, Some(&weight), level).unwrap();
         let mut dx_fixed = vec![0.0; shape.numel()];
-        let fixed_sums = through_fixed_stats(&xr, &dyr, &mut dx_fixed, &mean, &invstd, Some(&weight), level).unwrap();
+        let fixed_sums =
+            through_fixed_stats(&xr, &dyr, dx_fixed.as_mut_slice().into(), &mean, &invstd, Some(&weight), level)
+                .unwrap();
         let recomputed = statistics(&xr, level).unwrap();
         assert_eq!(recomputed, moments, "statistics alone are the training forward's, bit for bit");
         let stats = moments.iter().flat_map(|m| [m.mean, m.biased_var()]);

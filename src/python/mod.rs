@@ -16,12 +16,12 @@ use std::path::PathBuf;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
 use crate::checks::{check_disjoint, extent, Owner, Span};
-use crate::convert::{self, Half};
+use crate::convert::Half;
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
     BatchNorm, Buffer, Config, ConfigOverrides, Element, Error, Kind, Ranks, Result, Shape, StateTensor, StateValues,
-    TensorRef,
+    TensorMut, TensorRef,
 };
 
 /// `batchnorm.ShapeError`: a size that does not match (channels, a parameter's or buffer's length,
@@ -75,6 +75,8 @@ impl From<Error> for PyErr {
 /// The float types a module can hold, with the numpy glue each needs.
 pub(crate) trait Float: Element + NpElement {
     fn typed(module: &mut AnyModule) -> Option<&mut BatchNorm<Self>>;
+    /// A half array read as a tensor of this type: float32 only (see `half_dtype`).
+    fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, half: Half, ranks: Ranks) -> Result<TensorRef<'a, Self>>;
 }
 
 impl Float for f32 {
@@ -84,6 +86,9 @@ impl Float for f32 {
             AnyModule::F64(_) => None,
         }
     }
+    fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, half: Half, ranks: Ranks) -> Result<TensorRef<'a, f32>> {
+        half_view(array, half, ranks)
+    }
 }
 
 impl Float for f64 {
@@ -92,6 +97,9 @@ impl Float for f64 {
             AnyModule::F64(m) => Some(m),
             AnyModule::F32(_) => None,
         }
+    }
+    fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, _: Half, _: Ranks) -> Result<TensorRef<'a, f64>> {
+        Err(Error::DType { what: "input".into(), expected: f64::DTYPE.into(), got: dtype_name(array) })
     }
 }
 
@@ -379,26 +387,67 @@ fn half_dtype<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<(Half, Bound<'p
     })
 }
 
-/// `value` (C-contiguous and aligned, copied if it is not) as the bits of its values, borrowed for
-/// as long as the returned array lives.
-fn half_bits<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyUntypedArray>> {
+/// A half array the kernels can read in place (aligned, whole-element strides, viewable as
+/// `ranks` says), or a C-contiguous copy of it.
+fn half_readable<'py>(value: &Bound<'py, PyAny>, ranks: Ranks) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let array = half_bits_aligned(value)?;
+    let strides: Vec<isize> = array.strides().iter().map(|s| s / 2).collect();
+    if array.strides().iter().all(|s| s % 2 == 0) && Shape::view_of(array.shape(), &strides, ranks, "input")?.is_some()
+    {
+        return Ok(array);
+    }
+    Ok(value.py().import("numpy")?.call_method1("ascontiguousarray", (&array,))?.cast_into()?)
+}
+
+/// `value` with an aligned data pointer (copied if it is not).
+fn half_bits_aligned<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyUntypedArray>> {
     let require = PyDict::new(value.py());
-    require.set_item("requirements", ["C", "A"])?;
+    require.set_item("requirements", ["A"])?;
     Ok(value.py().import("numpy")?.call_method("require", (value,), Some(&require))?.cast_into()?)
 }
 
-/// The float32 values of a half array (exact: every float16 and bfloat16 is a float32).
-fn widened<'py>(value: &Bound<'py, PyAny>, half: Half) -> PyResult<Bound<'py, PyAny>> {
-    let py = value.py();
-    let source = half_bits(value)?;
-    let wide = py.import("numpy")?.call_method1("empty", (source.shape().to_vec(), dtype::<f32>(py)))?;
-    let wide = wide.cast_into::<PyArrayDyn<f32>>()?;
-    // SAFETY: `source` is C-contiguous and aligned, of `len` two-byte values, and lives past the call.
-    let bits = unsafe { std::slice::from_raw_parts((*source.as_array_ptr()).data as *const u16, source.len()) };
-    // SAFETY: `wide` is fresh; nothing else refers to it.
-    let values = unsafe { wide.as_slice_mut() }.map_err(|e| Error::BadOutput(e.to_string()))?;
-    py.detach(|| convert::widen(half, bits, values))?;
-    Ok(wide.into_any())
+/// A half array from `half_readable` as the float32 tensor the kernels read (widening each block
+/// as they read it), borrowed for as long as the array is.
+fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, half: Half, ranks: Ranks) -> Result<TensorRef<'a, f32>> {
+    let strides: Vec<isize> = array.strides().iter().map(|s| s / 2).collect();
+    if array.is_empty() {
+        return TensorRef::half(&[], half, 0, array.shape(), &strides, ranks);
+    }
+    let (low, high) = extent(array.shape(), &strides);
+    // SAFETY: `half_readable` made the array aligned with whole-element strides, so its elements
+    // lie in [data + low, data + high]; the slice lives no longer than `array`'s borrow.
+    let bits = unsafe {
+        let data = (*array.as_array_ptr()).data as *const u16;
+        std::slice::from_raw_parts(data.offset(low), (high - low + 1) as usize)
+    };
+    TensorRef::half(bits, half, (-low) as usize, array.shape(), &strides, ranks)
+}
+
+/// The C-contiguous, aligned half array a call writes: `target` itself when it is one, else a
+/// fresh one that `finish_half` copies into `target` after the call.
+fn half_staging<'py>(target: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let array = target.cast::<PyUntypedArray>()?;
+    if array.is_c_contiguous() && flags(array) & NPY_ARRAY_ALIGNED != 0 {
+        return Ok(array.clone());
+    }
+    Ok(target.py().import("numpy")?.call_method1("empty_like", (target,))?.cast_into()?)
+}
+
+/// The bits of a C-contiguous, aligned half array, to write.
+///
+/// # Safety
+/// `array` must come from `half_staging`, and no other slice of it may be live during the call.
+#[allow(clippy::mut_from_ref)] // the array is the owner; the caller upholds exclusivity
+unsafe fn half_slice<'a>(array: &'a Bound<'_, PyUntypedArray>) -> &'a mut [u16] {
+    std::slice::from_raw_parts_mut((*array.as_array_ptr()).data as *mut u16, array.len())
+}
+
+/// Copies the staged result into `target` when the call wrote a staging copy.
+fn finish_half(target: &Bound<'_, PyAny>, staged: &Bound<'_, PyUntypedArray>) -> PyResult<()> {
+    if !staged.is(target) {
+        target.py().import("numpy")?.call_method1("copyto", (target, staged))?;
+    }
+    Ok(())
 }
 
 /// Where the half result of a call on `input` goes: a fresh array of its shape and dtype `half`,
@@ -429,30 +478,6 @@ fn half_output<'py>(
     }
     check_disjoint(&array_span("out", array), &[array_span("the input", input)])?;
     Ok(out.clone())
-}
-
-/// Rounds the float32 `result` (a fresh C-contiguous array) into the half array `target` (to
-/// nearest, ties to even): in place where `target` is C-contiguous and aligned, else through a
-/// C-contiguous copy.
-fn narrow_into(target: &Bound<'_, PyAny>, result: &Bound<'_, PyAny>, half: Half) -> PyResult<()> {
-    let py = target.py();
-    let result = result.cast::<PyArrayDyn<f32>>()?;
-    let direct = target.cast::<PyUntypedArray>()?.is_c_contiguous() && flags(target.cast()?) & NPY_ARRAY_ALIGNED != 0;
-    let staged = if direct { target.clone() } else { py.import("numpy")?.call_method1("empty_like", (target,))? };
-    let staged = staged.cast_into::<PyUntypedArray>()?;
-    if !staged.is_c_contiguous() {
-        return Err(Error::BadOutput("a half output could not be staged C-contiguous".into()).into());
-    }
-    let values = result.readonly();
-    let values = values.as_slice().map_err(|e| Error::BadOutput(e.to_string()))?;
-    // SAFETY: `staged` is C-contiguous, aligned and writeable (checked by `half_output`, or fresh),
-    // of as many two-byte values as `result`, and shares no memory with it.
-    let bits = unsafe { std::slice::from_raw_parts_mut((*staged.as_array_ptr()).data as *mut u16, staged.len()) };
-    py.detach(|| convert::narrow(half, values, bits))?;
-    if !direct {
-        py.import("numpy")?.call_method1("copyto", (target, staged))?;
-    }
-    Ok(())
 }
 
 /// Locks a module's state without holding the GIL while waiting, so a long forward on one
@@ -552,6 +577,69 @@ impl PyBatchNorm {
         .map_err(|e| e.with_input_dims(x.shape()))?;
         this.state(py).saved = Some(Saved::Host(x.into_any().unbind()));
         Ok(y)
+    }
+
+    /// A float16 or bfloat16 input to a float32 module (see `half_dtype`): the kernels widen each
+    /// block of it as they read it and narrow each block of the output as they write it.
+    fn forward_half<'py>(
+        slf: &Bound<'py, Self>,
+        input: &Bound<'py, PyAny>,
+        half: Half,
+        descr: &Bound<'py, PyArrayDescr>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let ranks = this.kind.ranks();
+        let x = half_readable(input, ranks)?;
+        let view = half_view(&x, half, ranks)?;
+        let target = half_output(input, descr, out)?;
+        let staged = half_staging(&target)?;
+        // SAFETY: `staged` is C-contiguous, aligned, and shares no memory with the input
+        // (`half_output`); nothing else refers to it during the call.
+        let y = unsafe { half_slice(&staged) };
+        py.detach(|| {
+            let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.module.typed::<f32>()?.forward(&view, TensorMut::Half(y, half))
+        })
+        .map_err(|e| e.with_input_dims(x.shape()))?;
+        finish_half(&target, &staged)?;
+        this.state(py).saved = Some(Saved::Host(x.into_any().unbind()));
+        Ok(target)
+    }
+
+    /// The backward of `forward_half`: grad_output of the forward input's half dtype.
+    fn backward_half<'py>(
+        slf: &Bound<'py, Self>,
+        grad_output: &Bound<'py, PyAny>,
+        half: Half,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let ranks = this.kind.ranks();
+        let input = match &this.state(py).saved {
+            Some(Saved::Host(input)) => input.clone_ref(py),
+            _ => return Err(Error::NoForward.into()),
+        };
+        let x = input.into_bound(py).cast_into::<PyUntypedArray>()?;
+        let descr = x.dtype();
+        if half_dtype(grad_output)?.is_none_or(|(dy_half, _)| dy_half != half) {
+            let got = grad_output.cast::<PyUntypedArray>().map_or_else(|_| type_name(grad_output), dtype_name);
+            return Err(Error::DType { what: "grad_output".into(), expected: descr.str()?.to_string(), got }.into());
+        }
+        let dy = half_readable(grad_output, ranks)?;
+        let (x_view, dy_view) = (half_view(&x, half, ranks)?, half_view(&dy, half, ranks)?);
+        let target = half_output(grad_output, &descr, out)?;
+        let staged = half_staging(&target)?;
+        // SAFETY: as in `forward_half`.
+        let dx = unsafe { half_slice(&staged) };
+        py.detach(|| {
+            let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.module.typed::<f32>()?.backward(&x_view, &dy_view, TensorMut::Half(dx, half))
+        })?;
+        finish_half(&target, &staged)?;
+        Ok(target)
     }
 
     fn backward_typed<'py, T: Float>(
@@ -863,9 +951,7 @@ impl PyBatchNorm {
         }
         let input = &host_input(input, "input", stream)?;
         if let (Dtype::F32, Some((half, descr))) = (this.dtype, half_dtype(input)?) {
-            let target = half_output(input, &descr, out)?;
-            narrow_into(&target, Self::forward_typed::<f32>(slf, &widened(input, half)?, None)?.as_any(), half)?;
-            return Ok(target);
+            return Self::forward_half(slf, input, half, &descr, out);
         }
         match this.dtype {
             Dtype::F32 => Self::forward_typed::<f32>(slf, input, out).map(Bound::into_any),
@@ -901,11 +987,12 @@ impl PyBatchNorm {
             };
         }
         let grad_output = &host_input(grad_output, "grad_output", stream)?;
-        if let (Dtype::F32, Some((half, descr))) = (this.dtype, half_dtype(grad_output)?) {
-            let target = half_output(grad_output, &descr, out)?;
-            let result = Self::backward_typed::<f32>(slf, &widened(grad_output, half)?, None)?;
-            narrow_into(&target, result.as_any(), half)?;
-            return Ok(target);
+        let saved_half = match &this.state(slf.py()).saved {
+            Some(Saved::Host(x)) => half_dtype(x.bind(slf.py()))?.map(|(half, _)| half),
+            _ => None,
+        };
+        if let Some(half) = saved_half {
+            return Self::backward_half(slf, grad_output, half, out);
         }
         match this.dtype {
             Dtype::F32 => Self::backward_typed::<f32>(slf, grad_output, out).map(Bound::into_any),
@@ -1277,6 +1364,60 @@ fn input_dtype(input: &Bound<'_, PyAny>) -> PyResult<Dtype> {
     Dtype::of_array(array)
 }
 
+/// A functional call's input ready for the kernels: an array of `T` read in place (or copied
+/// where it cannot be), or a float16/bfloat16 array, which float32 calls read block by block.
+fn functional_input<'py, T: Float>(
+    value: &Bound<'py, PyAny>,
+    what: &'static str,
+) -> PyResult<(Bound<'py, PyUntypedArray>, Option<Half>)> {
+    Ok(match half_dtype(value)? {
+        Some((half, _)) => (half_readable(value, Ranks::Any)?, Some(half)),
+        None => (viewable(readable(typed_array::<T>(value, what)?)?, what, Ranks::Any)?.as_untyped().clone(), None),
+    })
+}
+
+/// The tensor the kernels read of an array from `functional_input`.
+fn functional_view<'a, T: Float>(array: &'a Bound<'_, PyUntypedArray>, half: Option<Half>) -> Result<TensorRef<'a, T>> {
+    match half {
+        Some(half) => T::half_view(array, half, Ranks::Any),
+        None => view_of(array.cast::<PyArrayDyn<T>>().map_err(|e| Error::BadOutput(e.to_string()))?, Ranks::Any),
+    }
+}
+
+/// Where a functional call's result goes, and the array its kernels write (the result itself, or a
+/// staging copy `finish_half` copies into it): of `T`, or of the input's half dtype.
+fn functional_output<'py, T: Float>(
+    input: &Bound<'py, PyUntypedArray>,
+    half: Option<Half>,
+    out: Option<&Bound<'py, PyAny>>,
+    others: &[Span],
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyUntypedArray>)> {
+    let Some(_) = half else {
+        let y = output::<T>(input.py(), out, input.shape(), others)?.as_untyped().clone();
+        return Ok((y.clone().into_any(), y));
+    };
+    let target = half_output(input.as_any(), &input.dtype(), out)?;
+    check_disjoint(&array_span("out", target.cast()?), others)?;
+    let staged = half_staging(&target)?;
+    Ok((target, staged))
+}
+
+/// The kernels' target over an array from `functional_output`.
+///
+/// # Safety
+/// `staged` must come from `functional_output`, and no other slice of it may be live.
+unsafe fn functional_target<'a, T: Float>(
+    staged: &'a Bound<'_, PyUntypedArray>,
+    half: Option<Half>,
+) -> Result<TensorMut<'a, T>> {
+    Ok(match half {
+        Some(half) => TensorMut::Half(half_slice(staged), half),
+        None => {
+            TensorMut::Values(out_slice(staged.cast::<PyArrayDyn<T>>().map_err(|e| Error::BadOutput(e.to_string()))?)?)
+        }
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn batch_norm_typed<'py, T: Float>(
     input: &Bound<'py, PyAny>,
@@ -1290,8 +1431,8 @@ fn batch_norm_typed<'py, T: Float>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = input.py();
-    let x = viewable(readable(typed_array::<T>(input, "input")?)?, "input", Ranks::Any)?;
-    let view = view_of(&x, Ranks::Any)?;
+    let (x, half) = functional_input::<T>(input, "input")?;
+    let view = functional_view::<T>(&x, half)?;
     let c = view.shape().c;
     let mut mean = param_vec::<T>(running_mean, "running_mean", c)?;
     let mut var = param_vec::<T>(running_var, "running_var", c)?;
@@ -1307,13 +1448,13 @@ fn batch_norm_typed<'py, T: Float>(
         ("weight", weight),
         ("bias", bias),
     ]);
-    let y = output::<T>(py, out, x.shape(), &others)?;
-    // SAFETY: `y` comes from `output` and nothing else refers to it yet.
-    let y_data = unsafe { out_slice(&y)? };
+    let (y, staged) = functional_output::<T>(&x, half, out, &others)?;
+    // SAFETY: `staged` comes from `functional_output` and nothing else refers to it yet.
+    let target = unsafe { functional_target::<T>(&staged, half)? };
     py.detach(|| {
         functional::batch_norm(
             &view,
-            y_data,
+            target,
             mean.as_deref_mut(),
             var.as_deref_mut(),
             w.as_deref(),
@@ -1323,11 +1464,12 @@ fn batch_norm_typed<'py, T: Float>(
             eps,
         )
     })?;
+    finish_half(&y, &staged)?;
     if training {
         writeback(running_mean, mean)?;
         writeback(running_var, var)?;
     }
-    Ok(y.into_any())
+    Ok(y)
 }
 
 /// batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05, *, out=None)
@@ -1350,13 +1492,8 @@ fn batch_norm<'py>(
     let running_mean = running_mean.filter(|v| !v.is_none());
     let running_var = running_var.filter(|v| !v.is_none());
     let input = &host_input(input, "input", None)?;
-    if let Some((half, descr)) = half_dtype(input)? {
-        let target = half_output(input, &descr, out)?;
-        let wide = widened(input, half)?;
-        let result =
-            batch_norm_typed::<f32>(&wide, running_mean, running_var, weight, bias, training, momentum, eps, None)?;
-        narrow_into(&target, &result, half)?;
-        return Ok(target);
+    if half_dtype(input)?.is_some() {
+        return batch_norm_typed::<f32>(input, running_mean, running_var, weight, bias, training, momentum, eps, out);
     }
     match input_dtype(input)? {
         Dtype::F32 => {
@@ -1380,8 +1517,12 @@ fn batch_norm_backward_typed<'py, T: Float>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = input.py();
-    let x = viewable(readable(typed_array::<T>(input, "input")?)?, "input", Ranks::Any)?;
-    let dy = viewable(readable(typed_array::<T>(grad_output, "grad_output")?)?, "grad_output", Ranks::Any)?;
+    let (x, half) = functional_input::<T>(input, "input")?;
+    let (dy, dy_half) = functional_input::<T>(grad_output, "grad_output")?;
+    if dy_half != half {
+        let expected = x.dtype().str()?.to_string();
+        return Err(Error::DType { what: "grad_output".into(), expected, got: dtype_name(&dy) }.into());
+    }
     if dy.shape() != x.shape() {
         return Err(Error::ShapeMismatch {
             what: "grad_output (the input's shape)".into(),
@@ -1390,7 +1531,7 @@ fn batch_norm_backward_typed<'py, T: Float>(
         }
         .into());
     }
-    let (x_view, dy_view) = (view_of(&x, Ranks::Any)?, view_of(&dy, Ranks::Any)?);
+    let (x_view, dy_view) = (functional_view::<T>(&x, half)?, functional_view::<T>(&dy, half)?);
     let shape = x_view.shape();
     let mean = param_vec::<T>(running_mean, "running_mean", shape.c)?;
     let var = param_vec::<T>(running_var, "running_var", shape.c)?;
@@ -1402,9 +1543,9 @@ fn batch_norm_backward_typed<'py, T: Float>(
         ("running_var", running_var),
         ("weight", weight),
     ]);
-    let dx = output::<T>(py, out, x.shape(), &others)?;
-    // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
-    let dx_data = unsafe { out_slice(&dx)? };
+    let (dx, staged) = functional_output::<T>(&x, half, out, &others)?;
+    // SAFETY: `staged` comes from `functional_output` and nothing else refers to it yet.
+    let dx_data = unsafe { functional_target::<T>(&staged, half)? };
     let grads = py.detach(|| {
         let saved = match (training, mean, var) {
             (true, _, _) => SavedStats::of_batch(&x_view, eps)?,
@@ -1417,13 +1558,10 @@ fn batch_norm_backward_typed<'py, T: Float>(
         };
         functional::batch_norm_backward(&dy_view, &x_view, dx_data, &saved, w.as_deref())
     })?;
+    finish_half(&dx, &staged)?;
     PyTuple::new(
         py,
-        [
-            dx.into_any(),
-            PyArray1::from_vec(py, grads.grad_weight).into_any(),
-            PyArray1::from_vec(py, grads.grad_bias).into_any(),
-        ],
+        [dx, PyArray1::from_vec(py, grads.grad_weight).into_any(), PyArray1::from_vec(py, grads.grad_bias).into_any()],
     )
 }
 
@@ -1444,16 +1582,17 @@ fn batch_norm_backward<'py>(
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (input, grad_output) = (&host_input(input, "input", None)?, &host_input(grad_output, "grad_output", None)?);
-    if let Some((half, descr)) = half_dtype(input)? {
-        let target = half_output(grad_output, &descr, out)?;
-        if half_dtype(grad_output)?.is_none_or(|(dy_half, _)| dy_half != half) {
-            let got = grad_output.cast::<PyUntypedArray>().map_or_else(|_| type_name(grad_output), dtype_name);
-            return Err(Error::DType { what: "grad_output".into(), expected: descr.str()?.to_string(), got }.into());
-        }
-        let (dy, x) = (widened(grad_output, half)?, widened(input, half)?);
-        let grads = batch_norm_backward_typed::<f32>(&dy, &x, running_mean, running_var, weight, training, eps, None)?;
-        narrow_into(&target, &grads.get_item(0)?, half)?;
-        return PyTuple::new(input.py(), [target, grads.get_item(1)?, grads.get_item(2)?]);
+    if half_dtype(input)?.is_some() {
+        return batch_norm_backward_typed::<f32>(
+            grad_output,
+            input,
+            running_mean,
+            running_var,
+            weight,
+            training,
+            eps,
+            out,
+        );
     }
     match input_dtype(input)? {
         Dtype::F32 => {
