@@ -97,6 +97,19 @@ def load_torch():
     return torch
 
 
+def element_types(name):
+    """The NumPy types `--dtype NAME` times."""
+    if name == "both":
+        return [np.float32, np.float64]
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            sys.exit("--dtype bfloat16 needs ml_dtypes (pip install ml_dtypes): NumPy has no bfloat16 of its own")
+        return [ml_dtypes.bfloat16]
+    return [np.dtype(name).type]
+
+
 def implementations(shape, dtype, op, torch):
     """The calls to time for one (shape, dtype, op): name → zero-argument callable."""
     rng = np.random.default_rng(0)
@@ -104,18 +117,22 @@ def implementations(shape, dtype, op, torch):
     dy = rng.standard_normal(shape).astype(dtype)
     y = np.empty_like(x)
     c = shape[1]
-    m = batchnorm.BatchNorm2d(c, dtype=dtype)
+    # Half inputs (float16, bfloat16) run on a float32 module, as in PyTorch; NumPy has no such path.
+    half = np.dtype(dtype).itemsize == 2
+    m = batchnorm.BatchNorm2d(c, dtype=np.float32 if half else dtype)
     m.weight[:] = rng.uniform(0.5, 1.5, c)
     calls: dict[str, Callable[[], object]] = {"memcpy": lambda: np.copyto(y, x)}
     w, b = m.weight.copy(), m.bias.copy()
     if op == "train":
         calls["batchnorm"] = lambda: m(x, out=y)
-        calls["numpy"] = lambda: numpy_training_forward(x, w, b)
+        if not half:
+            calls["numpy"] = lambda: numpy_training_forward(x, w, b)
     elif op == "eval":
         m.eval()
         rm, rv = m.running_mean.copy(), m.running_var.copy()
         calls["batchnorm"] = lambda: m(x, out=y)
-        calls["numpy"] = lambda: numpy_eval_forward(x, rm, rv, w, b)
+        if not half:
+            calls["numpy"] = lambda: numpy_eval_forward(x, rm, rv, w, b)
     else:
         m(x)
         grad_input = np.empty_like(x)
@@ -125,7 +142,8 @@ def implementations(shape, dtype, op, torch):
             return m.backward(dy, out=grad_input)
 
         calls["batchnorm"] = ours
-        calls["numpy"] = lambda: numpy_backward(dy, x, w)
+        if not half:
+            calls["numpy"] = lambda: numpy_backward(dy, x, w)
     if torch is not None:
         calls["torch"] = torch_call(torch, x, dy, w, b, op)
     if shape == (8, 32, 16, 16) and op == "train":
@@ -134,9 +152,12 @@ def implementations(shape, dtype, op, torch):
 
 
 def torch_call(torch, x, dy, w, b, op):
-    tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+    if x.dtype.name == "bfloat16":  # torch reads no ml_dtypes array: the same values through float32
+        tx, tdy = (torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16) for a in (x, dy))
+    else:
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
     tw, tb = torch.from_numpy(w), torch.from_numpy(b)
-    rm, rv = torch.zeros(x.shape[1], dtype=tx.dtype), torch.ones(x.shape[1], dtype=tx.dtype)
+    rm, rv = torch.zeros(x.shape[1], dtype=tw.dtype), torch.ones(x.shape[1], dtype=tw.dtype)
     if op == "backward":
         _, save_mean, save_invstd = torch.native_batch_norm(tx, tw, tb, rm, rv, True, 0.1, 1e-5)
 
@@ -321,7 +342,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds: under a minute")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write the results")
     parser.add_argument("--png", default="bench-results/bench.png", help="where to draw the chart")
-    parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="both", help="element types to time")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64", "both", "float16", "bfloat16"],
+        nargs="+",
+        default=["both"],
+        help="element types to time (both: float32 and float64; float16 and bfloat16 inputs run on float32 modules; "
+        "bfloat16 needs ml_dtypes)",
+    )
     parser.add_argument(
         "--threads", type=int, nargs="+", help="thread counts to time (default: 1 and every core)", metavar="N"
     )
@@ -342,10 +370,10 @@ def main(argv=None):
     print("machine:", ", ".join(f"{k} {v}" for k, v in machine.items()))
     cores = os.cpu_count() or 1
     thread_counts = sorted(set(args.threads)) if args.threads else sorted({1, cores})
-    dtypes = [np.float32, np.float64] if args.dtype == "both" else [np.dtype(args.dtype).type]
+    dtypes = [dtype for name in args.dtype for dtype in element_types(name)]
     if args.quick:
         shapes, budget, max_rounds = QUICK_SHAPES, 0.15, 15
-        dtypes = dtypes[:1] if args.dtype == "both" else dtypes
+        dtypes = dtypes[:1] if args.dtype == ["both"] else dtypes
     else:
         shapes, budget, max_rounds = SHAPES, 1.0, 60
     if args.shapes:
