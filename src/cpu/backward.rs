@@ -88,6 +88,7 @@ impl<'a, T: Element> Channels<'a, T> {
                 (T::from_f64(s.sum_dy / self.count), T::from_f64(k), T::from_f64(self.scale[c]))
             })
             .collect();
+        let mut staged = self.dx.staging();
         for_each_block(
             [self.x, self.dy],
             part,
@@ -99,6 +100,7 @@ impl<'a, T: Element> Channels<'a, T> {
                     self.dx.write_block(
                         at,
                         xs.len(),
+                        &mut staged,
                         #[inline(always)]
                         |out| grad_input_batch(simd, self.dx.stream(), xs, gs, out, self.mean[at.c], mean_dy, k, scale),
                     )
@@ -177,6 +179,7 @@ impl<T: Element> PartTask for Fixed<'_, T> {
     #[inline(always)]
     fn run<S: Simd>(&self, simd: S, part: &Part) -> Vec<GradSums> {
         let channels = self.0;
+        let mut staged = channels.dx.staging();
         let sums = channels.sums(
             simd,
             part,
@@ -187,6 +190,7 @@ impl<T: Element> PartTask for Fixed<'_, T> {
                     channels.dx.write_block(
                         at,
                         gs.len(),
+                        &mut staged,
                         #[inline(always)]
                         |out| grad_input_fixed(simd, channels.dx.stream(), gs, out, T::from_f64(channels.scale[at.c])),
                     )

@@ -64,6 +64,7 @@ fn normalize_part<T: Element, S: Simd>(
     part: &Part,
     affine: impl Fn(usize) -> ChannelAffine<T>,
 ) {
+    let mut staged = y.staging();
     for_each_block(
         [x],
         part,
@@ -75,6 +76,7 @@ fn normalize_part<T: Element, S: Simd>(
                 y.write_block(
                     at,
                     xs.len(),
+                    &mut staged,
                     #[inline(always)]
                     |ys| normalize(simd, y.stream(), xs, ys, a.mean, a.scale, a.offset),
                 )

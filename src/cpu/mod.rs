@@ -462,24 +462,33 @@ impl<'a, T: Element> SharedOut<'a, T> {
         self.stream
     }
 
+    /// A task's scratch for [`Self::write_block`]: one block of values for half output (made
+    /// once per task, not per block), nothing otherwise.
+    pub fn staging(&self) -> Vec<T> {
+        if self.half.is_some() {
+            vec![T::ZERO; BLOCK]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Writes the output block of `len` values at `at` with `write`: in place, or, for half
-    /// output, into an f32 block that is then narrowed into it.
+    /// output, into `staged` (from [`Self::staging`]), which is then narrowed into it.
     ///
     /// # Safety
     /// No two blocks written at once may overlap: each (channel, position) must be written by one
     /// task. Parts of a [`Plan`] are disjoint, and blocks within a part are visited one at a time.
     #[inline(always)]
-    pub unsafe fn write_block(&self, at: At, len: usize, write: impl FnOnce(&mut [T])) {
+    pub unsafe fn write_block(&self, at: At, len: usize, staged: &mut [T], write: impl FnOnce(&mut [T])) {
         let start = self.shape.contiguous_index(at.n, at.c, at.w);
         assert!(start + len <= self.len, "block inside the output");
         let Some((bits, half)) = self.half else {
             return write(std::slice::from_raw_parts_mut(self.ptr.add(start), len));
         };
-        assert!(len <= BLOCK, "blocks are at most BLOCK values");
-        let mut staged = [T::ZERO; BLOCK];
-        write(&mut staged[..len]);
+        let staged = &mut staged[..len];
+        write(staged);
         // Half output is only made for f32 results (see `TensorMut::Half`).
-        if let Some(values) = T::as_f32(&staged[..len]) {
+        if let Some(values) = T::as_f32(staged) {
             convert::narrow_block(half, values, std::slice::from_raw_parts_mut(bits.add(start), len));
         }
     }

@@ -936,13 +936,18 @@ pub(crate) fn backward<'py, T: Float>(
     Ok(dx)
 }
 
+/// Lets the library look for NVRTC where pip's nvidia-cuda-nvrtc wheel puts it, under sys.path.
+pub(crate) fn add_sys_path_roots(py: Python<'_>) -> PyResult<()> {
+    let roots: Vec<std::path::PathBuf> = py.import("sys")?.getattr("path")?.extract()?;
+    cuda::library::add_search_roots(roots);
+    Ok(())
+}
+
 /// cuda_versions(): {"driver": "13.0", "nvrtc": "13.0"}, the newest CUDA the driver supports and
 /// the NVRTC that compiles the kernels; RuntimeError when either cannot be loaded.
 #[pyfunction]
 pub(crate) fn cuda_versions(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    // NVRTC may come from pip's nvidia-cuda-nvrtc wheel, somewhere on sys.path.
-    let roots: Vec<std::path::PathBuf> = py.import("sys")?.getattr("path")?.extract()?;
-    cuda::library::add_search_roots(roots);
+    add_sys_path_roots(py)?;
     let versions = cuda::library::versions()?;
     let report = PyDict::new(py);
     report.set_item("driver", format!("{}.{}", versions.driver.0, versions.driver.1))?;

@@ -379,6 +379,10 @@ unsafe fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Result
 fn half_dtype<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<(Half, Bound<'py, PyArrayDescr>)>> {
     let Ok(array) = value.cast::<PyUntypedArray>() else { return Ok(None) };
     let descr = array.dtype();
+    // Every call asks: float32 and float64 arrays answer from the item size, without a lookup.
+    if descr.itemsize() != 2 {
+        return Ok(None);
+    }
     let name: String = descr.getattr("name")?.extract()?;
     Ok(match name.as_str() {
         "float16" => Some((Half::F16, descr)),
@@ -1227,9 +1231,7 @@ impl PyBatchNorm {
         }
         #[cfg(feature = "cuda")]
         {
-            // NVRTC may come from pip's nvidia-cuda-nvrtc wheel, somewhere on sys.path.
-            let roots: Vec<PathBuf> = py.import("sys")?.getattr("path")?.extract()?;
-            crate::cuda::library::add_search_roots(roots);
+            cuda::add_sys_path_roots(py)?;
             let device = match placement {
                 Placement::Cuda(ordinal) => Some(
                     py.detach(|| crate::cuda::device(ordinal))
@@ -1392,10 +1394,10 @@ fn functional_output<'py, T: Float>(
     out: Option<&Bound<'py, PyAny>>,
     others: &[Span],
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyUntypedArray>)> {
-    let Some(_) = half else {
+    if half.is_none() {
         let y = output::<T>(input.py(), out, input.shape(), others)?.as_untyped().clone();
         return Ok((y.clone().into_any(), y));
-    };
+    }
     let target = half_output(input.as_any(), &input.dtype(), out)?;
     check_disjoint(&array_span("out", target.cast()?), others)?;
     let staged = half_staging(&target)?;
