@@ -2,6 +2,7 @@
 //! these, so a rule and its message are written once.
 
 use crate::config::Buffer;
+use crate::convert::Half;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::shape::{Dims, Shape, TensorMut};
@@ -34,6 +35,16 @@ pub fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
         return Ok(());
     }
     Err(Error::ShapeMismatch { what: what.to_string(), expected: vec![expected], got: vec![got] })
+}
+
+/// That `what` holds the values the input holds (`None`: the module's own `element` type; else a
+/// half type): outputs and gradients come in the input's dtype, as in PyTorch.
+pub fn check_same_storage(what: &str, got: Option<Half>, expected: Option<Half>, element: &str) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    let name = |half: Option<Half>| half.map_or_else(|| element.to_string(), |h| h.name().to_string());
+    Err(Error::DType { what: what.to_string(), expected: name(expected), got: name(got) })
 }
 
 /// Batch statistics need more than one value per channel.

@@ -20,6 +20,16 @@ pub enum Half {
     BF16,
 }
 
+impl Half {
+    /// NumPy's (and PyTorch's) name for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::F16 => "float16",
+            Half::BF16 => "bfloat16",
+        }
+    }
+}
+
 /// `src`'s half values (as their bits) into `dst`, exactly: every half value is a float32.
 #[inline]
 pub(crate) fn widen_block(half: Half, src: &[u16], dst: &mut [f32]) {

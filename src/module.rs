@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+#[cfg(feature = "cuda")]
+use crate::checks::check_same_storage;
 use crate::checks::{check_batch_size, check_channels, check_eps, check_len, check_num_features};
 use crate::checks::{check_same_dims, check_target, Owner, Span};
 use crate::config::{Buffer, Config, ConfigOverrides, NUM_BATCHES_TRACKED};
@@ -700,6 +702,7 @@ impl<T: Element> BatchNorm<T> {
     pub unsafe fn forward_on_device(&mut self, x: DeviceTensor<T>, y: DeviceTensor<T>, stream: Stream) -> Result<()> {
         let plan = self.begin_forward(x.shape(), x.dims())?;
         check_same_dims("output", y.dims(), x.dims())?;
+        check_same_storage("output", y.half_type(), x.half_type(), T::DTYPE)?;
         let config = self.config.clone();
         // SAFETY: the caller's guarantee.
         unsafe { self.on_device()?.forward(x, y, stream, plan, config.eps)? };
@@ -722,6 +725,7 @@ impl<T: Element> BatchNorm<T> {
         let Some(Saved::Device { dims, from_batch }) = self.saved else { return Err(Error::NoForward) };
         for (what, tensor) in [("input", x), ("grad_output", dy), ("grad_input", dx)] {
             check_same_dims(what, tensor.dims(), dims)?;
+            check_same_storage(what, tensor.half_type(), x.half_type(), T::DTYPE)?;
         }
         let accumulate = self.has_grad;
         // SAFETY: the caller's guarantee.

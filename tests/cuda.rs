@@ -2,6 +2,9 @@
 //! found, e.g. from pip's nvidia-cuda-nvrtc), and asking for a device says why there is none.
 //! With one: forward and backward agree with the CPU layer.
 
+#[path = "common/half_conversions.rs"]
+mod half_conversions;
+
 use batchnorm::cuda::{self, DeviceBuffer, DeviceTensor, Stream};
 use batchnorm::{BatchNorm, Buffer, Config, Element, Kind, Shape, TensorRef};
 
@@ -194,4 +197,11 @@ fn gpu_smallest_shapes_of_every_kernel() {
             agree_with_the_cpu::<f64>(&device, Config::new(shape.c), shape, offset);
         }
     }
+}
+
+/// The GPU's conversion instructions give what the `half` crate gives, for every half value.
+#[test]
+fn gpu_every_half_value_converts_as_the_half_crate_does() {
+    let Some(device) = gpu() else { return };
+    half_conversions::every_half_value_converts_as_the_half_crate_does(&device);
 }

@@ -10,13 +10,17 @@
 //! fails, unless `BATCHNORM_SKIP_EMULATOR=1` says to skip it.
 
 mod common;
+#[path = "common/half_conversions.rs"]
+mod half_conversions;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
+use batchnorm::convert::Half;
 use batchnorm::cuda::{Device, DeviceBuffer, DeviceTensor, Stream};
-use batchnorm::{BatchNorm, Buffer, Config, Element, Kind, Shape, TensorRef};
+use batchnorm::{BatchNorm, Buffer, Config, Element, Kind, Ranks, Shape, TensorMut, TensorRef};
+use half_conversions::{narrow, widen};
 
 /// Compiles `sources` with the C++ compiler into `out`, with `flags` (`-shared -fPIC` for a library).
 fn compile(source: &str, out: &str, flags: &[&str]) -> PathBuf {
@@ -382,4 +386,130 @@ fn block_order_never_changes_a_bit() {
             assert!(run_device(&device, &host, &x, &dy, shape, 0) == reference, "{multiprocessors} SMs, seed {seed}");
         }
     }
+}
+
+/// Half outputs (as bits) and the module's float32 arrays after two training steps and an eval
+/// step, as `run_device` does for float tensors.
+#[derive(Debug, PartialEq)]
+struct HalfStep {
+    y: Vec<u16>,
+    dx: Vec<u16>,
+    y_eval: Vec<u16>,
+    dx_eval: Vec<u16>,
+    state: Vec<(Buffer, Vec<f32>)>,
+}
+
+fn run_device_half(
+    device: &Arc<Device>,
+    host: &BatchNorm<f32>,
+    half: Half,
+    x: &[u16],
+    dy: &[u16],
+    shape: Shape,
+    skip: usize,
+) -> HalfStep {
+    let mut layer = on_device(host.try_clone().unwrap(), device);
+    let dims = [shape.n, shape.c, shape.h, shape.w];
+    let buffer = |values: &[u16]| {
+        let mut padded = vec![0u16; skip];
+        padded.extend_from_slice(values);
+        DeviceBuffer::from_host(device, &padded).unwrap()
+    };
+    let output = || DeviceBuffer::<u16>::unset(device, skip + x.len()).unwrap();
+    let (xb, dyb, yb, dxb) = (buffer(x), buffer(dy), output(), output());
+    // SAFETY: four live buffers of `skip + numel` half values on the layer's device.
+    let at = |b: &DeviceBuffer<u16>| unsafe {
+        DeviceTensor::half(b.ptr() + 2 * skip as u64, &dims, Ranks::Planes, half).unwrap()
+    };
+    let read = |b: &DeviceBuffer<u16>| b.to_host().unwrap()[skip..].to_vec();
+    // SAFETY: as above; every call is synchronous on the emulator.
+    unsafe {
+        for _ in 0..2 {
+            layer.forward_on_device(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
+            layer.backward_on_device(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
+        }
+    }
+    let (y, dx) = (read(&yb), read(&dxb));
+    layer.set_training(false);
+    // SAFETY: as above.
+    unsafe {
+        layer.forward_on_device(at(&xb), at(&yb), Stream::DEFAULT).unwrap();
+        layer.backward_on_device(at(&xb), at(&dyb), at(&dxb), Stream::DEFAULT).unwrap();
+    }
+    layer.to_host().unwrap();
+    let back = &layer;
+    let state = Buffer::ALL.iter().filter_map(|&which| Some((which, back.buffer(which)?.to_vec()))).collect();
+    HalfStep { y, dx, y_eval: read(&yb), dx_eval: read(&dxb), state }
+}
+
+fn run_cpu_half(host: &BatchNorm<f32>, half: Half, x: &[u16], dy: &[u16], shape: Shape) -> HalfStep {
+    let mut layer = host.try_clone().unwrap();
+    let dims = [shape.n, shape.c, shape.h, shape.w];
+    let strides = [(shape.c * shape.h * shape.w) as isize, (shape.h * shape.w) as isize, shape.w as isize, 1];
+    let xr = TensorRef::half(x, half, 0, &dims, &strides, Ranks::Planes).unwrap();
+    let dyr = TensorRef::half(dy, half, 0, &dims, &strides, Ranks::Planes).unwrap();
+    let step = |layer: &mut BatchNorm<f32>| {
+        let (mut y, mut dx) = (vec![0u16; x.len()], vec![0u16; x.len()]);
+        layer.forward(&xr, TensorMut::Half(&mut y, half)).unwrap();
+        layer.backward(&xr, &dyr, TensorMut::Half(&mut dx, half)).unwrap();
+        (y, dx)
+    };
+    step(&mut layer);
+    let (y, dx) = step(&mut layer);
+    layer.set_training(false);
+    let (y_eval, dx_eval) = step(&mut layer);
+    let state = Buffer::ALL.iter().filter_map(|&which| Some((which, layer.buffer(which)?.to_vec()))).collect();
+    HalfStep { y, dx, y_eval, dx_eval, state }
+}
+
+/// float16 and bfloat16 tensors on a float32 module: every half kernel (8-, 4- and 1-value packs,
+/// aligned or not, one or several blocks a channel) gives the CPU's half results to within one
+/// unit in the last place of the half type (both round a float32 value once, and the float32
+/// values differ by float32 rounding), the float32 arrays as the float32 kernels do, and, off
+/// alignment, the same bits.
+#[test]
+fn half_tensors_match_the_cpu_half_path() {
+    let Some(device) = emulator(8, 1) else { return };
+    let shapes = [Shape::new(3, 5, 7, 7), Shape::new(2, 4, 14, 14), Shape::new(2, 4, 8, 8), Shape::new(16, 2, 32, 32)];
+    for half in [Half::F16, Half::BF16] {
+        let ulp = if half == Half::F16 { 2f64.powi(-10) } else { 2f64.powi(-7) };
+        for &shape in &shapes {
+            let x: Vec<u16> = values::<f32>(shape.numel(), 1, 5.0).iter().map(|&v| narrow(half, v)).collect();
+            let dy: Vec<u16> = values::<f32>(shape.numel(), 2, 0.0).iter().map(|&v| narrow(half, v)).collect();
+            for config in configs(shape.c) {
+                let mut host = BatchNorm::<f32>::new(Kind::BatchNorm2d, config.clone()).unwrap();
+                if let Some(weight) = host.buffer_mut(Buffer::Weight) {
+                    weight.copy_from_slice(&values::<f32>(shape.c, 3, 1.0));
+                }
+                let context = format!("{half:?} {shape:?} {config:?}");
+                let want = run_cpu_half(&host, half, &x, &dy, shape);
+                let got = run_device_half(&device, &host, half, &x, &dy, shape, 0);
+                let halves = [("y", &got.y, &want.y), ("grad_input", &got.dx, &want.dx)];
+                let evals = [("y eval", &got.y_eval, &want.y_eval), ("grad_input eval", &got.dx_eval, &want.dx_eval)];
+                for (name, a, b) in halves.into_iter().chain(evals) {
+                    let scale = b.iter().map(|&v| f64::from(widen(half, v)).abs()).fold(1.0, f64::max);
+                    for (i, (&a, &b)) in a.iter().zip(b.iter()).enumerate() {
+                        let (a, b) = (f64::from(widen(half, a)), f64::from(widen(half, b)));
+                        let tolerance = ulp * b.abs() + 1e-5 * scale;
+                        assert!((a - b).abs() <= tolerance, "{name}[{i}]: {a} vs {b}, {context}");
+                    }
+                }
+                for ((which, a), (_, b)) in got.state.iter().zip(&want.state) {
+                    let scale = b.iter().map(|v| v.abs()).fold(1.0, f32::max);
+                    for (a, b) in a.iter().zip(b) {
+                        assert!((a - b).abs() <= 2e-5 * scale, "{}: {a} vs {b}, {context}", which.name());
+                    }
+                }
+                let unaligned = run_device_half(&device, &host, half, &x, &dy, shape, 1);
+                assert!(unaligned == got, "{context}: an unaligned array changes the result");
+            }
+        }
+    }
+}
+
+/// See `half_conversions::every_half_value_converts_as_the_half_crate_does`; on the GPU too.
+#[test]
+fn every_half_value_converts_as_the_half_crate_does() {
+    let Some(device) = emulator(8, 1) else { return };
+    half_conversions::every_half_value_converts_as_the_half_crate_does(&device);
 }

@@ -3,7 +3,7 @@
 //! last block; pass 2 `input_gradient` writes dx once.
 
 use super::device::Device;
-use super::launch::{launch, BackwardArgs, Geometry, Workspace};
+use super::launch::{launch, BackwardArgs, Geometry, Storage, Workspace};
 use super::memory::{DeviceTensor, Stream};
 use crate::element::Element;
 use crate::error::Result;
@@ -34,7 +34,7 @@ pub(crate) unsafe fn backward<T: Element>(
     gradients: Gradients,
     workspace: &Workspace,
 ) -> Result<()> {
-    let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
+    let geometry = Geometry::new(Storage::of(&x)?, x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
     let splits = geometry.splits(device, workspace);
     // Every fallible step before the first launch, so a failure queues nothing.
     let tiles = geometry.tiles()?;
@@ -50,12 +50,6 @@ pub(crate) unsafe fn backward<T: Element>(
         accumulate: u64::from(gradients.accumulate),
         ..geometry.backward_args(workspace)
     };
-    launch(
-        device,
-        &geometry.reduction::<T>("gradient_sums"),
-        (geometry.channels as u32, splits as u32),
-        stream,
-        &args,
-    )?;
-    launch(device, &geometry.kernel::<T>("input_gradient"), (tiles, 1), stream, &args)
+    launch(device, &geometry.reduction("gradient_sums"), (geometry.channels as u32, splits as u32), stream, &args)?;
+    launch(device, &geometry.kernel("input_gradient"), (tiles, 1), stream, &args)
 }

@@ -20,9 +20,13 @@ const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 /// in every width, wide ones also for unaligned pointers; the element-wise passes; eval's
 /// coefficients.
 const REDUCTIONS: [&str; 2] = ["statistics", "gradient_sums"];
-const REDUCTION_WIDTHS: [&str; 6] = ["f32x4", "f32x4u", "f32x1", "f64x2", "f64x2u", "f64x1"];
+const REDUCTION_WIDTHS: [&str; 16] = [
+    "f32x4", "f32x4u", "f32x1", "f64x2", "f64x2u", "f64x1", "f16x8", "f16x8u", "f16x4", "f16x4u", "f16x1", "bf16x8",
+    "bf16x8u", "bf16x4", "bf16x4u", "bf16x1",
+];
 const ELEMENTWISE: [&str; 2] = ["normalize", "input_gradient"];
-const WIDTHS: [&str; 4] = ["f32x4", "f32x1", "f64x2", "f64x1"];
+const WIDTHS: [&str; 10] =
+    ["f32x4", "f32x1", "f64x2", "f64x1", "f16x8", "f16x4", "f16x1", "bf16x8", "bf16x4", "bf16x1"];
 const EVAL_COEFFICIENTS: [&str; 2] = ["eval_coefficients_f32", "eval_coefficients_f64"];
 
 /// A CUDA device with the batchnorm kernels loaded.

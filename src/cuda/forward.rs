@@ -3,7 +3,7 @@
 //! and blends the running statistics; pass 2 `normalize` writes y once. Eval is `eval`.
 
 use super::device::Device;
-use super::launch::{launch, ForwardArgs, Geometry, Workspace};
+use super::launch::{launch, ForwardArgs, Geometry, Storage, Workspace};
 use super::memory::{DeviceTensor, Stream};
 use crate::element::Element;
 use crate::error::Result;
@@ -33,13 +33,13 @@ pub(crate) unsafe fn train<T: Element>(
     parameters: Parameters,
     workspace: &Workspace,
 ) -> Result<()> {
-    let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
+    let geometry = Geometry::new(Storage::of(&x)?, x.shape(), &[x.ptr(), y.ptr()])?;
     let splits = geometry.splits(device, workspace);
     // Every fallible step before the first launch, so a failure queues nothing.
     let tiles = geometry.tiles()?;
     let args = ForwardArgs { splits, ..arguments(&geometry, workspace, x, y, parameters) };
-    launch(device, &geometry.reduction::<T>("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
-    launch(device, &geometry.kernel::<T>("normalize"), (tiles, 1), stream, &args)
+    launch(device, &geometry.reduction("statistics"), (geometry.channels as u32, splits as u32), stream, &args)?;
+    launch(device, &geometry.kernel("normalize"), (tiles, 1), stream, &args)
 }
 
 /// Normalizes `x` into `y` with the running statistics (which `parameters` must point to),
@@ -55,13 +55,13 @@ pub(crate) unsafe fn eval<T: Element>(
     parameters: Parameters,
     workspace: &Workspace,
 ) -> Result<()> {
-    let geometry = Geometry::new::<T>(x.shape(), &[x.ptr(), y.ptr()])?;
+    let geometry = Geometry::new(Storage::of(&x)?, x.shape(), &[x.ptr(), y.ptr()])?;
     let tiles = geometry.tiles()?;
     let args = arguments(&geometry, workspace, x, y, parameters);
     let coefficient_blocks = geometry.channels.div_ceil(256) as u32;
     let coefficients = format!("eval_coefficients_{}", super::launch::dtype_suffix::<T>());
     launch(device, &coefficients, (coefficient_blocks, 1), stream, &args)?;
-    launch(device, &geometry.kernel::<T>("normalize"), (tiles, 1), stream, &args)
+    launch(device, &geometry.kernel("normalize"), (tiles, 1), stream, &args)
 }
 
 /// The kernels' arguments for a forward of `x` into `y` (one statistics split per channel).

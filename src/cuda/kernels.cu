@@ -1,16 +1,19 @@
 // The CUDA kernels of batchnorm. NVRTC compiles this file at run time for the device's own
 // architecture (src/cuda/device.rs), once per process and device.
 //
-// Tensors are (N, C, HW) and C-contiguous. Every kernel exists per element type and load width:
-// `<kernel>_f32x4`, `_f32x1`, `_f64x2`, `_f64x1` (entry points at the end). The wide versions move
-// 16 bytes per load and run when HW is a multiple of the width and the pointers are 16-byte aligned.
-// The reductions group values into packs by HW alone, so they also have unaligned wide versions
-// (`_f32x4u`, `_f64x2u`) that load packs value by value and give the same bits.
+// Tensors are (N, C, HW) and C-contiguous. Every kernel exists per storage type and load width:
+// `<kernel>_f32x4`, `_f32x1`, `_f64x2`, `_f64x1`, and for float16 and bfloat16 tensors (on float32
+// modules: PyTorch's mixed precision) `_f16x8`, `_f16x4`, `_f16x1`, `_bf16x8`, ... (entry points at
+// the end). A pack of W values is one load; the wide versions move 16 bytes (8 for x4 halves) and
+// run when HW is a multiple of W and the pointers are 16-byte aligned. The reductions group values
+// into packs by HW alone, so they also have unaligned wide versions (`_f32x4u`, `_f16x8u`, ...)
+// that load packs value by value and give the same bits.
 //
 // The CPU kernels they must match: the training forward in src/cpu/forward.rs, the backward in
 // src/cpu/backward.rs. As there, sums are kept in double with each channel shifted by one of its
 // own values, partial results are merged with Chan's formula, and float32 outputs subtract the
-// mean as hi + lo, so offset data keeps its digits.
+// mean as hi + lo, so offset data keeps its digits. Half values widen to float32 as they are loaded
+// and the float32 result rounds once to the half type as it is stored, as on the CPU.
 
 typedef unsigned long long u64;
 
@@ -76,16 +79,114 @@ __device__ __forceinline__ Index divide(Index n, Index d, u64 magic) {
 }
 
 // Packs a thread loads per step of a reduction: UNROLL 16-byte loads' worth at any width, so that
-// narrow packs (planes such as 7x7 that 16-byte packs do not divide) keep as many bytes in flight.
+// narrow packs (planes such as 7x7 that 16-byte packs do not divide) keep as many bytes in flight,
+// up to 16 loads. Half values take a register each once loaded, as floats do, so they load half
+// the bytes a step for the same registers (four resident blocks leave 64 a thread).
 template <typename T, int W>
 __device__ constexpr int step_loads() {
-    return UNROLL * 16 / static_cast<int>(sizeof(T) * W);
+    constexpr int bytes = sizeof(T) == 2 ? UNROLL * 8 : UNROLL * 16;
+    constexpr int loads = bytes / static_cast<int>(sizeof(T) * W);
+    return loads < 16 ? loads : 16;
 }
 
 template <typename T, int W>
 struct __align__(sizeof(T) * W) Pack {
     T v[W];
 };
+
+// Half storage, as bits: the kernels compute in float32 and convert as they load and store.
+struct Float16 {
+    unsigned short bits;
+};
+struct BFloat16 {
+    unsigned short bits;
+};
+
+// The type a storage type computes in: itself, or float32 for the half types.
+template <typename S>
+struct ComputeOf {
+    typedef S type;
+};
+template <>
+struct ComputeOf<Float16> {
+    typedef float type;
+};
+template <>
+struct ComputeOf<BFloat16> {
+    typedef float type;
+};
+
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(BFloat16 v) { return __uint_as_float(static_cast<unsigned>(v.bits) << 16); }
+__device__ __forceinline__ float widen(Float16 v) {
+#if defined(__CUDA_ARCH__)
+    float out;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(out) : "h"(v.bits));
+    return out;
+#else
+    // Exact: every float16 is a float32 (the emulator's path; the GPU converts in one instruction).
+    const unsigned sign = static_cast<unsigned>(v.bits & 0x8000u) << 16;
+    const unsigned exponent = (v.bits >> 10) & 0x1fu, mantissa = v.bits & 0x3ffu;
+    if (exponent == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent == 0u) return __uint_as_float(sign | __float_as_uint(static_cast<float>(mantissa) * 0x1p-24f));
+    return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
+}
+
+template <typename S>
+__device__ __forceinline__ unsigned short narrow_half(float v);
+
+template <>
+__device__ __forceinline__ unsigned short narrow_half<BFloat16>(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned short out;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out) : "f"(v));
+    return out;
+#else
+    const unsigned bits = __float_as_uint(v);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((bits >> 16) | 0x40u);
+    return static_cast<unsigned short>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+#endif
+}
+
+template <>
+__device__ __forceinline__ unsigned short narrow_half<Float16>(float v) {
+#if defined(__CUDA_ARCH__)
+    unsigned short out;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(v));
+    return out;
+#else
+    const unsigned bits = __float_as_uint(v);
+    const unsigned sign = (bits >> 16) & 0x8000u, exponent = (bits >> 23) & 0xffu;
+    unsigned mantissa = bits & 0x7fffffu;
+    if (exponent == 0xffu) return static_cast<unsigned short>(sign | 0x7c00u | (mantissa ? 0x200u | (mantissa >> 13) : 0u));
+    const int e = static_cast<int>(exponent) - 112;  // the float16 exponent field
+    if (e >= 0x1f) return static_cast<unsigned short>(sign | 0x7c00u);
+    unsigned shift = 13, base = sign | (static_cast<unsigned>(e > 0 ? e : 0) << 10);
+    if (e <= 0) {  // a float16 subnormal (or zero): the implicit bit joins the mantissa
+        if (e < -10) return static_cast<unsigned short>(sign);
+        mantissa |= 0x800000u;
+        shift = static_cast<unsigned>(14 - e);
+    }
+    unsigned out = base + (mantissa >> shift);  // a carry out of the mantissa steps the exponent up
+    const unsigned rest = mantissa & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (out & 1u))) out++;
+    return static_cast<unsigned short>(out);
+#endif
+}
+
+// A computed value in storage type S, rounded to nearest, ties to even; NaN stays NaN.
+template <typename S>
+__device__ __forceinline__ S narrow(typename ComputeOf<S>::type v) {
+    if constexpr (sizeof(S) == 2) {
+        S out;
+        out.bits = narrow_half<S>(v);
+        return out;
+    } else {
+        return v;
+    }
+}
 
 // x - mean as (x - hi) - lo: exact for x near the mean, where a single float mean would round.
 template <typename T>
@@ -263,31 +364,32 @@ __device__ __forceinline__ T weight_or_one(const void* weight, unsigned c) {
 // Pass 1 of the training forward: block (c, split) reduces its share of channel c to moments;
 // the channel's last block combines the partials, writes the mean and 1/std the backward needs,
 // the coefficients of pass 2, and blends the running statistics.
-template <typename T, int W, typename Index, bool ALIGNED>
+template <typename S, int W, typename Index, bool ALIGNED>
 __device__ void statistics(const ForwardArgs& a) {
+    typedef typename ComputeOf<S>::type T;
     const unsigned c = blockIdx.x, split = blockIdx.y;
     const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
     const Index begin = range.begin, end = range.end;
-    const ChannelWalk<T, W, Index, ALIGNED> walk{static_cast<const T*>(a.x) + c * a.plane,
+    const ChannelWalk<S, W, Index, ALIGNED> walk{static_cast<const S*>(a.x) + c * a.plane,
                                                  static_cast<Index>(a.plane / W), a.channels * a.plane,
                                                  a.reduction_plane_divisor};
     // Each step's loads are issued before the previous step's values are summed, and the first
     // step's before the shift is read: no thread waits for memory with nothing in flight.
-    constexpr int LOADS = step_loads<T, W>();
+    constexpr int LOADS = step_loads<S, W>();
     Index first = begin + threadIdx.x;
-    Pack<T, W> packs[LOADS];
+    Pack<S, W> packs[LOADS];
     walk.load_step(packs, first, end);
-    const double shift = static_cast<double>(walk.base[0]);
+    const double shift = static_cast<double>(widen(walk.base[0]));
     double s1 = 0.0, s2 = 0.0;
     for (; first < end; first += THREADS * LOADS) {
-        Pack<T, W> next[LOADS];
+        Pack<S, W> next[LOADS];
         walk.load_step(next, first + THREADS * LOADS, end);
 #pragma unroll
         for (int u = 0; u < LOADS; u++) {
             if (first + u * THREADS < end) {
 #pragma unroll
                 for (int e = 0; e < W; e++) {
-                    const double d = static_cast<double>(packs[u].v[e]) - shift;
+                    const double d = static_cast<double>(widen(packs[u].v[e])) - shift;
                     s1 += d;
                     s2 = fma(d, d, s2);
                 }
@@ -359,8 +461,11 @@ __device__ __forceinline__ P load_last_use(const P* p) {
     } else if constexpr (sizeof(P) == 8) {
         double raw = __ldcs(reinterpret_cast<const double*>(p));
         out = *reinterpret_cast<P*>(&raw);
-    } else {
+    } else if constexpr (sizeof(P) == 4) {
         float raw = __ldcs(reinterpret_cast<const float*>(p));
+        out = *reinterpret_cast<P*>(&raw);
+    } else {
+        unsigned short raw = __ldcs(reinterpret_cast<const unsigned short*>(p));
         out = *reinterpret_cast<P*>(&raw);
     }
     return out;
@@ -372,16 +477,19 @@ __device__ __forceinline__ void store_streaming(P* p, P value) {
         __stcs(reinterpret_cast<float4*>(p), *reinterpret_cast<float4*>(&value));
     } else if constexpr (sizeof(P) == 8) {
         __stcs(reinterpret_cast<double*>(p), *reinterpret_cast<double*>(&value));
-    } else {
+    } else if constexpr (sizeof(P) == 4) {
         __stcs(reinterpret_cast<float*>(p), *reinterpret_cast<float*>(&value));
+    } else {
+        __stcs(reinterpret_cast<unsigned short*>(p), *reinterpret_cast<unsigned short*>(&value));
     }
 }
 
 // Pass 2 of the forward (and all of eval): y = ((x - hi) - lo) * scale + shift over the flat
 // tensor, by tiles (see tile_first).
-template <typename T, int W, typename Index>
+template <typename S, int W, typename Index>
 __device__ void normalize(const ForwardArgs& a) {
-    typedef Pack<T, W> P;
+    typedef typename ComputeOf<S>::type T;
+    typedef Pack<S, W> P;
     const Index plane_packs = static_cast<Index>(a.plane / W);
     const Index total = static_cast<Index>(a.images * a.channels) * plane_packs;
     const Index first = tile_first<Index>();
@@ -399,7 +507,8 @@ __device__ void normalize(const ForwardArgs& a) {
             const Affine<T> k = coefficients[channel_of(i, plane_packs, a)];
             P out;
 #pragma unroll
-            for (int e = 0; e < W; e++) out.v[e] = ((packs[u].v[e] - k.mean_hi) - k.mean_lo) * k.scale + k.shift;
+            for (int e = 0; e < W; e++)
+                out.v[e] = narrow<S>(((widen(packs[u].v[e]) - k.mean_hi) - k.mean_lo) * k.scale + k.shift);
             store_streaming(y + i, out);
         }
     }
@@ -407,25 +516,26 @@ __device__ void normalize(const ForwardArgs& a) {
 
 // Pass 1 of the backward: Σ dy and Σ dy·(x − mean) per channel, both reductions in one read of
 // x and dy; the last block per channel writes grad_weight, grad_bias and pass 2's coefficients.
-template <typename T, int W, typename Index, bool ALIGNED>
+template <typename S, int W, typename Index, bool ALIGNED>
 __device__ void gradient_sums(const BackwardArgs& a) {
+    typedef typename ComputeOf<S>::type T;
     const unsigned c = blockIdx.x, split = blockIdx.y;
     const SplitRange<Index> range = split_range<W, Index>(a.images, a.plane, a.splits, split);
     const Index begin = range.begin, end = range.end;
     const Index plane_packs = static_cast<Index>(a.plane / W);
-    const ChannelWalk<T, W, Index, ALIGNED> xs{static_cast<const T*>(a.x) + c * a.plane, plane_packs,
+    const ChannelWalk<S, W, Index, ALIGNED> xs{static_cast<const S*>(a.x) + c * a.plane, plane_packs,
                                                a.channels * a.plane, a.reduction_plane_divisor};
-    const ChannelWalk<T, W, Index, ALIGNED> dys{static_cast<const T*>(a.dy) + c * a.plane, plane_packs,
+    const ChannelWalk<S, W, Index, ALIGNED> dys{static_cast<const S*>(a.dy) + c * a.plane, plane_packs,
                                                 a.channels * a.plane, a.reduction_plane_divisor};
     const double mean = a.saved_mean[c];
     Sums own{0.0, 0.0};
     // Two arrays' loads in flight already; loading a step ahead as `statistics` does would need
-    // more registers than four resident blocks leave.
-    // Two arrays: half `statistics`' loads of each (at least UNROLL), so that narrow packs' 64-bit
-    // addresses still fit the registers of four resident blocks.
-    constexpr int LOADS = step_loads<T, W>() / 2 > UNROLL ? step_loads<T, W>() / 2 : UNROLL;
+    // more registers than four resident blocks leave. Of each array, half `statistics`' loads (at
+    // least UNROLL), so that narrow packs' 64-bit addresses still fit those registers; eight-value
+    // half packs, two (unaligned, they load a value to a register: 32 of them a step).
+    constexpr int LOADS = sizeof(S) == 2 && W == 8 ? 2 : step_loads<S, W>() / 2 > UNROLL ? step_loads<S, W>() / 2 : UNROLL;
     for (Index first = begin + threadIdx.x; first < end; first += THREADS * LOADS) {
-        Pack<T, W> x_packs[LOADS], dy_packs[LOADS];
+        Pack<S, W> x_packs[LOADS], dy_packs[LOADS];
         xs.load_step(x_packs, first, end);
         dys.load_step(dy_packs, first, end);
 #pragma unroll
@@ -433,9 +543,9 @@ __device__ void gradient_sums(const BackwardArgs& a) {
             if (first + u * THREADS < end) {
 #pragma unroll
                 for (int e = 0; e < W; e++) {
-                    const double dy = static_cast<double>(dy_packs[u].v[e]);
+                    const double dy = static_cast<double>(widen(dy_packs[u].v[e]));
                     own.dy += dy;
-                    own.dy_xmu = fma(dy, static_cast<double>(x_packs[u].v[e]) - mean, own.dy_xmu);
+                    own.dy_xmu = fma(dy, static_cast<double>(widen(x_packs[u].v[e])) - mean, own.dy_xmu);
                 }
             }
         }
@@ -470,9 +580,10 @@ __device__ void gradient_sums(const BackwardArgs& a) {
 }
 
 // Pass 2 of the backward: dx = dy * k_dy + ((x - hi) - lo) * k_x + k_one, flat, as normalize.
-template <typename T, int W, typename Index>
+template <typename S, int W, typename Index>
 __device__ void input_gradient(const BackwardArgs& a) {
-    typedef Pack<T, W> P;
+    typedef typename ComputeOf<S>::type T;
+    typedef Pack<S, W> P;
     const Index plane_packs = static_cast<Index>(a.plane / W);
     const Index total = static_cast<Index>(a.images * a.channels) * plane_packs;
     const Index first = tile_first<Index>();
@@ -496,7 +607,8 @@ __device__ void input_gradient(const BackwardArgs& a) {
             P out;
 #pragma unroll
             for (int e = 0; e < W; e++)
-                out.v[e] = dy_packs[u].v[e] * k.k_dy + ((x_packs[u].v[e] - k.mean_hi) - k.mean_lo) * k.k_x + k.k_one;
+                out.v[e] = narrow<S>(widen(dy_packs[u].v[e]) * k.k_dy +
+                                     ((widen(x_packs[u].v[e]) - k.mean_hi) - k.mean_lo) * k.k_x + k.k_one);
             store_streaming(dx + i, out);
         }
     }
@@ -534,10 +646,26 @@ REDUCTIONS(float, 1, f32x1, true)
 REDUCTIONS(double, 2, f64x2, true)
 REDUCTIONS(double, 2, f64x2u, false)
 REDUCTIONS(double, 1, f64x1, true)
+REDUCTIONS(Float16, 8, f16x8, true)
+REDUCTIONS(Float16, 8, f16x8u, false)
+REDUCTIONS(Float16, 4, f16x4, true)
+REDUCTIONS(Float16, 4, f16x4u, false)
+REDUCTIONS(Float16, 1, f16x1, true)
+REDUCTIONS(BFloat16, 8, bf16x8, true)
+REDUCTIONS(BFloat16, 8, bf16x8u, false)
+REDUCTIONS(BFloat16, 4, bf16x4, true)
+REDUCTIONS(BFloat16, 4, bf16x4u, false)
+REDUCTIONS(BFloat16, 1, bf16x1, true)
 ELEMENTWISE(float, 4, f32x4)
 ELEMENTWISE(float, 1, f32x1)
 ELEMENTWISE(double, 2, f64x2)
 ELEMENTWISE(double, 1, f64x1)
+ELEMENTWISE(Float16, 8, f16x8)
+ELEMENTWISE(Float16, 4, f16x4)
+ELEMENTWISE(Float16, 1, f16x1)
+ELEMENTWISE(BFloat16, 8, bf16x8)
+ELEMENTWISE(BFloat16, 4, bf16x4)
+ELEMENTWISE(BFloat16, 1, bf16x1)
 
 extern "C" __global__ void __launch_bounds__(THREADS) eval_coefficients_f32(ForwardArgs a) { eval_coefficients<float>(a); }
 extern "C" __global__ void __launch_bounds__(THREADS) eval_coefficients_f64(ForwardArgs a) { eval_coefficients<double>(a); }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::device::{driver_error, Backend, Device};
-use super::memory::{DeviceBuffer, Stream};
+use super::memory::{DeviceBuffer, DeviceTensor, Stream};
+use crate::convert::Half;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
@@ -17,10 +18,11 @@ const UNROLL: u64 = 4;
 /// on one multiprocessor (their launch bounds), so that a grid of that many per multiprocessor
 /// runs in one wave, with no second partial wave at the end.
 const BLOCKS_PER_MULTIPROCESSOR: u64 = 4;
-/// `step_loads` of kernels.cu: the packs of `pack_bytes` a reduction's thread loads per step,
-/// UNROLL 16-byte loads' worth.
-fn step_loads(pack_bytes: u64) -> u64 {
-    UNROLL * 16 / pack_bytes
+/// `step_loads` of kernels.cu: the packs of `width` values of `element_bytes` a reduction's
+/// thread loads per step, UNROLL 16-byte loads' worth (half that for 2-byte values), at most 16.
+fn step_loads(element_bytes: u64, width: u64) -> u64 {
+    let bytes = if element_bytes == 2 { UNROLL * 8 } else { UNROLL * 16 };
+    (bytes / (element_bytes * width)).min(16)
 }
 /// The size of the larger per-block partial of kernels.cu (`Moments`: three doubles).
 const PARTIAL_BYTES: usize = 24;
@@ -114,6 +116,36 @@ fn reduction_target(device: &Device) -> u64 {
     BLOCKS_PER_MULTIPROCESSOR * u64::from(device.multiprocessors())
 }
 
+/// How a tensor's values sit in device memory: the kernels' name for them, and their size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Storage {
+    suffix: &'static str,
+    bytes: u64,
+}
+
+impl Storage {
+    pub(crate) fn of<T: Element>(tensor: &DeviceTensor<T>) -> Result<Storage> {
+        match tensor.half_type() {
+            None => Ok(Storage { suffix: dtype_suffix::<T>(), bytes: std::mem::size_of::<T>() as u64 }),
+            // Half kernels compute in float32, for float32 modules only.
+            Some(half) if T::DTYPE != "float32" => Err(Error::DType {
+                what: "input".into(),
+                expected: T::DTYPE.into(),
+                got: format!("{} (half inputs run on float32 modules)", half.name()),
+            }),
+            Some(Half::F16) => Ok(Storage { suffix: "f16", bytes: 2 }),
+            Some(Half::BF16) => Ok(Storage { suffix: "bf16", bytes: 2 }),
+        }
+    }
+
+    /// The pack widths kernels.cu has for these values, widest first: 16 bytes' worth, for
+    /// halves also 8 bytes' (planes such as 14x14), and one value.
+    fn widths(self) -> [u64; 3] {
+        let wide = 16 / self.bytes;
+        [wide, if self.bytes == 2 { 4 } else { wide }, 1]
+    }
+}
+
 /// How a launch walks a tensor: its dims and the load widths.
 pub(crate) struct Geometry {
     pub images: u64,
@@ -122,17 +154,16 @@ pub(crate) struct Geometry {
     /// Values per load of the element-wise passes: 16 bytes' worth when every plane and pointer
     /// allows it, else 1 (no value depends on it).
     pub width: u64,
-    /// Values per pack of the reductions: 16 bytes' worth when the plane allows it, whatever the
-    /// pointers, so that which thread sums which value depends on the shape alone.
+    /// Values per pack of the reductions: the widest the plane allows, whatever the pointers,
+    /// so that which thread sums which value depends on the shape alone.
     pub reduction_width: u64,
     /// Whether every pointer is 16-byte aligned, so wide packs load in one instruction.
     aligned: bool,
-    /// The size of one value (4 or 8).
-    element_bytes: u64,
+    storage: Storage,
 }
 
 impl Geometry {
-    pub(crate) fn new<T: Element>(shape: Shape, pointers: &[u64]) -> Result<Geometry> {
+    pub(crate) fn new(storage: Storage, shape: Shape, pointers: &[u64]) -> Result<Geometry> {
         // A launch's gridDim.x (one block per channel) is at most 2³¹ − 1.
         if shape.c > i32::MAX as usize {
             return Err(Error::Unsupported(format!(
@@ -141,10 +172,9 @@ impl Geometry {
                 shape.c
             )));
         }
-        let wide = (16 / std::mem::size_of::<T>()) as u64;
         let plane = (shape.h * shape.w) as u64;
         let aligned = pointers.iter().all(|p| p % 16 == 0);
-        let reduction_width = if plane.is_multiple_of(wide) { wide } else { 1 };
+        let reduction_width = storage.widths().into_iter().find(|&w| plane.is_multiple_of(w)).unwrap_or(1);
         let width = if aligned { reduction_width } else { 1 };
         Ok(Geometry {
             images: shape.n as u64,
@@ -153,26 +183,26 @@ impl Geometry {
             width,
             reduction_width,
             aligned,
-            element_bytes: std::mem::size_of::<T>() as u64,
+            storage,
         })
     }
 
     /// `normalize_f32x4` and the like.
-    pub(crate) fn kernel<T: Element>(&self, kernel: &str) -> String {
-        format!("{kernel}_{}x{}", dtype_suffix::<T>(), self.width)
+    pub(crate) fn kernel(&self, kernel: &str) -> String {
+        format!("{kernel}_{}x{}", self.storage.suffix, self.width)
     }
 
     /// `statistics_f32x4`, `statistics_f32x4u` (wide packs, unaligned pointers) and the like.
-    pub(crate) fn reduction<T: Element>(&self, kernel: &str) -> String {
+    pub(crate) fn reduction(&self, kernel: &str) -> String {
         let unaligned = if self.reduction_width > 1 && !self.aligned { "u" } else { "" };
-        format!("{kernel}_{}x{}{unaligned}", dtype_suffix::<T>(), self.reduction_width)
+        format!("{kernel}_{}x{}{unaligned}", self.storage.suffix, self.reduction_width)
     }
 
     /// Blocks per channel for a reduction pass: as many as one wave of blocks allows (at least
     /// one), never so many that a thread has fewer than two steps of loads.
     pub(crate) fn splits(&self, device: &Device, workspace: &Workspace) -> u64 {
         let packs = self.images * (self.plane / self.reduction_width);
-        let min_packs_per_block = 2 * u64::from(THREADS) * step_loads(self.reduction_width * self.element_bytes);
+        let min_packs_per_block = 2 * u64::from(THREADS) * step_loads(self.storage.bytes, self.reduction_width);
         let wanted = reduction_target(device) / self.channels;
         let affordable = (packs / min_packs_per_block).max(1);
         wanted.min(affordable).min(u64::from(u16::MAX)).min(workspace.max_splits_total / self.channels).max(1)

@@ -8,6 +8,7 @@ use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUdeviceptr, CUevent, CUevent_flags, CUstream};
 
 use super::device::{driver_error, Backend, Device, Emulator, GUARD, GUARD_BYTE};
+use crate::convert::Half;
 use crate::element::Element;
 use crate::error::Result;
 use crate::shape::{Dims, Ranks, Shape};
@@ -38,13 +39,16 @@ impl Stream {
     }
 }
 
-/// A C-contiguous (N, C, H, W) tensor of `T` in device memory that someone else owns (a CuPy
-/// array, a PyTorch tensor, a [`DeviceBuffer`]).
+/// A C-contiguous (N, C, *) tensor in device memory that someone else owns (a CuPy array, a
+/// PyTorch tensor, a [`DeviceBuffer`]): values of `T`, or, on a float32 module, float16 or
+/// bfloat16 values that the kernels widen as they read and round once as they write (PyTorch's
+/// mixed precision; see [`DeviceTensor::half`]).
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceTensor<T> {
     ptr: u64,
     shape: Shape,
     dims: Dims,
+    half: Option<Half>,
     element: PhantomData<T>,
 }
 
@@ -53,7 +57,7 @@ impl<T: Element> DeviceTensor<T> {
     /// `ptr` must address `shape.numel()` values of `T` on the device it is used with, alive
     /// (and, for an output, written by nothing else) until the work queued on it has finished.
     pub unsafe fn from_raw(ptr: u64, shape: Shape) -> Self {
-        DeviceTensor { ptr, shape, dims: shape.as_dims(), element: PhantomData }
+        DeviceTensor { ptr, shape, dims: shape.as_dims(), half: None, element: PhantomData }
     }
 
     /// A C-contiguous tensor of `dims` (N, C, *), read as `ranks` says.
@@ -62,7 +66,7 @@ impl<T: Element> DeviceTensor<T> {
     /// As [`Self::from_raw`].
     pub unsafe fn contiguous(ptr: u64, dims: &[usize], ranks: Ranks) -> Result<Self> {
         let shape = Shape::of_contiguous(dims, ranks, "input")?;
-        Ok(DeviceTensor { ptr, shape, dims: Dims::new(dims, ranks), element: PhantomData })
+        Ok(DeviceTensor { ptr, shape, dims: Dims::new(dims, ranks), half: None, element: PhantomData })
     }
     pub fn ptr(&self) -> u64 {
         self.ptr
@@ -73,6 +77,21 @@ impl<T: Element> DeviceTensor<T> {
     /// The dimensions as the caller gave them.
     pub fn dims(&self) -> Dims {
         self.dims
+    }
+    /// The half type its values are stored in, if they are not `T`s.
+    pub fn half_type(&self) -> Option<Half> {
+        self.half
+    }
+}
+
+impl DeviceTensor<f32> {
+    /// A C-contiguous tensor of `dims` holding `half` values, for a float32 module.
+    ///
+    /// # Safety
+    /// As [`Self::from_raw`], for `shape.numel()` half values.
+    pub unsafe fn half(ptr: u64, dims: &[usize], ranks: Ranks, half: Half) -> Result<Self> {
+        // SAFETY: the caller's guarantee.
+        Ok(DeviceTensor { half: Some(half), ..unsafe { Self::contiguous(ptr, dims, ranks)? } })
     }
 }
 
@@ -89,7 +108,7 @@ pub struct DeviceBuffer<T> {
     element: PhantomData<T>,
 }
 
-impl<T: Element> DeviceBuffer<T> {
+impl<T: bytemuck::Pod> DeviceBuffer<T> {
     /// `len` values, unset, for an output written on `stream`: from the device's stream-ordered
     /// pool where it has one (no device-wide synchronization, unlike cuMemAlloc and cuMemFree).
     pub fn for_output(device: &Arc<Device>, len: usize, stream: Stream) -> Result<Self> {
@@ -326,7 +345,7 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
     pub fn tensor(&self, dims: Dims) -> Result<DeviceTensor<T>> {
         let shape = Shape::of_contiguous(dims.as_slice(), dims.read_as(), "input")?;
         crate::checks::check_output_len(shape, self.len)?;
-        Ok(DeviceTensor { ptr: self.ptr, shape, dims, element: PhantomData })
+        Ok(DeviceTensor { ptr: self.ptr, shape, dims, half: None, element: PhantomData })
     }
     pub fn len(&self) -> usize {
         self.len
@@ -336,6 +355,16 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
     }
     pub fn device(&self) -> &Arc<Device> {
         &self.device
+    }
+}
+
+impl DeviceBuffer<u16> {
+    /// The buffer's `half` values (as bits) as a C-contiguous tensor of `dims`, for a float32
+    /// module.
+    pub fn half_tensor(&self, dims: Dims, half: Half) -> Result<DeviceTensor<f32>> {
+        let shape = Shape::of_contiguous(dims.as_slice(), dims.read_as(), "input")?;
+        crate::checks::check_output_len(shape, self.len)?;
+        Ok(DeviceTensor { ptr: self.ptr, shape, dims, half: Some(half), element: PhantomData })
     }
 }
 

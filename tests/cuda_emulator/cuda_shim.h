@@ -56,6 +56,16 @@ T shfl_down(unsigned mask, T value, int delta, int line) {
 // Blocks run one after another, so device memory is coherent without fences and an atomic is a
 // plain read-modify-write.
 inline void __threadfence() {}
+inline float __uint_as_float(unsigned bits) {
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+inline unsigned __float_as_uint(float value) {
+    unsigned out;
+    std::memcpy(&out, &value, 4);
+    return out;
+}
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32); }
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     unsigned old = *address;
