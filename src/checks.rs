@@ -2,6 +2,7 @@
 //! these, so a rule and its message are written once.
 
 use crate::config::Buffer;
+#[cfg(feature = "cuda")]
 use crate::convert::Half;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -38,7 +39,9 @@ pub fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
 }
 
 /// That `what` holds the values the input holds (`None`: the module's own `element` type; else a
-/// half type): outputs and gradients come in the input's dtype, as in PyTorch.
+/// half type): outputs and gradients come in the input's dtype, as in PyTorch. (Device tensors
+/// carry their half type; host tensors are checked by type and `check_target`.)
+#[cfg(feature = "cuda")]
 pub fn check_same_storage(what: &str, got: Option<Half>, expected: Option<Half>, element: &str) -> Result<()> {
     if got == expected {
         return Ok(());

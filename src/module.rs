@@ -401,15 +401,13 @@ impl<T: Element> BatchNorm<T> {
     ///
     /// `y` is a slice of the element type, or [`TensorMut::Half`] output: a float32 module given
     /// `x` from [`TensorRef::half`] and half output runs PyTorch's mixed precision (float32
-    /// statistics, parameters and gradients; the output rounded once to the input's dtype), on the
-    /// CPU.
+    /// statistics, parameters and gradients; the output rounded once to the input's dtype).
     pub fn forward<'y>(&mut self, x: &TensorRef<'_, T>, y: impl Into<TensorMut<'y, T>>) -> Result<()> {
         let y = y.into();
         let plan = self.begin_forward(x.shape(), x.dims())?;
         check_target(x.shape(), &y)?;
         #[cfg(feature = "cuda")]
         if let Some(arrays) = &self.device {
-            let TensorMut::Values(y) = y else { return Err(Self::half_on_device()) };
             let device = arrays.device().clone();
             let (xb, yb) =
                 (DeviceBuffer::from_host(&device, &x.contiguous_values()?)?, DeviceBuffer::unset(&device, y.len())?);
@@ -417,8 +415,7 @@ impl<T: Element> BatchNorm<T> {
             // work, which `synchronize` waits for.
             unsafe { self.forward_on_device(xb.tensor(x.dims())?, yb.tensor(x.dims())?, Stream::DEFAULT)? };
             self.synchronize()?;
-            y.copy_from_slice(&yb.to_host()?);
-            return Ok(());
+            return y.write_all(&yb.to_host()?);
         }
         let [weight, bias, running_mean, running_var, _, _] = &mut self.host;
         let (running_mean, running_var) = if plan.updates || !plan.batch_stats {
@@ -439,12 +436,6 @@ impl<T: Element> BatchNorm<T> {
         )?;
         self.end_forward(plan, Saved::Host { stats, dims: x.dims() });
         Ok(())
-    }
-
-    /// Half tensors run on the CPU only so far: the CUDA kernels read and write float32 and float64.
-    #[cfg(feature = "cuda")]
-    fn half_on_device() -> Error {
-        Error::Unsupported("float16 and bfloat16 tensors run on the CPU only so far: move the module to the CPU".into())
     }
 
     /// What the last forward on the CPU normalized with.
@@ -468,7 +459,6 @@ impl<T: Element> BatchNorm<T> {
         check_target(x.shape(), &dx)?;
         #[cfg(feature = "cuda")]
         if let Some(arrays) = &self.device {
-            let TensorMut::Values(dx) = dx else { return Err(Self::half_on_device()) };
             let device = arrays.device().clone();
             let xb = DeviceBuffer::from_host(&device, &x.contiguous_values()?)?;
             let dyb = DeviceBuffer::from_host(&device, &dy.contiguous_values()?)?;
@@ -483,8 +473,7 @@ impl<T: Element> BatchNorm<T> {
                 )?
             };
             self.synchronize()?;
-            dx.copy_from_slice(&dxb.to_host()?);
-            return Ok(());
+            return dx.write_all(&dxb.to_host()?);
         }
         let Some(Saved::Host { stats, dims }) = &self.saved else { return Err(Error::NoForward) };
         check_same_dims("input", x.dims(), *dims)?;

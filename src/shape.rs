@@ -461,6 +461,26 @@ impl<T> TensorMut<'_, T> {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl<T: Element> TensorMut<'_, T> {
+    /// Writes `values` (as many as the target holds, checked by `check_target` with them):
+    /// copied, or rounded once to the half type.
+    pub(crate) fn write_all(self, values: &[T]) -> Result<()> {
+        match self {
+            TensorMut::Values(to) => to.copy_from_slice(values),
+            TensorMut::Half(bits, half) => {
+                let values = T::as_f32(values).ok_or_else(|| Error::DType {
+                    what: "output".into(),
+                    expected: T::DTYPE.into(),
+                    got: half.name().into(),
+                })?;
+                convert::narrow_block(half, values, bits);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<'a, T> From<&'a mut [T]> for TensorMut<'a, T> {
     fn from(values: &'a mut [T]) -> Self {
         TensorMut::Values(values)

@@ -4,6 +4,17 @@ import batchnorm
 
 from reference import ReferenceBatchNorm2d
 
+try:
+    import ml_dtypes
+
+    BFLOAT16 = [ml_dtypes.bfloat16]
+except ImportError:
+    BFLOAT16 = []
+
+# The half dtypes inputs may come in (bfloat16 is ml_dtypes', where it is installed).
+HALF = [np.float16, *BFLOAT16]
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7}
+
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
@@ -55,3 +66,21 @@ def assert_same_state(before, after):
         if ga is not None:
             np.testing.assert_array_equal(ga, gb)
     assert a_training == b_training
+
+
+def ulp(values, dtype):
+    """The spacing of the half dtype's values at `values` (float64), subnormals included."""
+    bits = MANTISSA_BITS[np.dtype(dtype).name]
+    smallest = float(np.finfo(dtype).smallest_subnormal) if dtype == np.float16 else 2.0**-133
+    _, exponent = np.frexp(np.abs(values))
+    return np.maximum(np.ldexp(1.0, exponent - 1 - bits), smallest)
+
+
+def assert_within_one_rounding(got, exact, dtype):
+    """`got` (of the half dtype) within one unit in the last place of `exact` rounded to that dtype."""
+    assert got.dtype == np.dtype(dtype)
+    rounded = exact.astype(dtype).astype(np.float64)
+    got = got.astype(np.float64)
+    error = np.abs(got - rounded)
+    allowed = np.maximum(ulp(rounded, dtype), ulp(got, dtype))
+    assert np.all(error <= allowed), f"largest error {np.max(error / allowed):.2f} ulp"

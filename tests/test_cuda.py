@@ -9,7 +9,7 @@ import pytest
 
 import batchnorm
 
-from helpers import pair, tol
+from helpers import HALF, assert_within_one_rounding, pair, tol
 from reference import ReferenceBatchNorm2d
 
 # Only these mean "no GPU here" (or none we can compile for: a GPU machine without NVRTC installed):
@@ -499,3 +499,125 @@ def test_tensors_that_require_grad_are_read_in_place(rng):
     y = m(x)
     expected = torch.nn.functional.batch_norm(x.detach(), None, None, training=True)
     np.testing.assert_allclose(host(torch.from_dlpack(y)), host(expected), rtol=1e-5, atol=1e-5)
+
+
+# ---- float16 and bfloat16 tensors on float32 modules ---------------------------------------------
+
+
+def torch_half(dtype):
+    return torch.float16 if np.dtype(dtype) == np.float16 else torch.bfloat16
+
+
+def half_on_gpu(x, dtype):
+    """`x` (float64) rounded to the half `dtype`, as a CUDA tensor, and its values as float64."""
+    tensor = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch_half(dtype)).cuda()
+    return tensor, tensor.double().cpu().numpy()
+
+
+def half_host(tensor, dtype):
+    """A half CUDA tensor or DeviceArray as a NumPy array of the half dtype (exactly)."""
+    tensor = torch.from_dlpack(tensor) if not isinstance(tensor, torch.Tensor) else tensor
+    assert tensor.dtype == torch_half(dtype)
+    return tensor.float().cpu().numpy().astype(dtype)
+
+
+# 8-value packs (8x8), 4-value packs (14x14: 196 is not a multiple of 8), single values (7x7), and
+# a channel split over several blocks.
+HALF_SHAPES = [(4, 3, 8, 8), (3, 4, 14, 14), (5, 2, 7, 7), (64, 2, 32, 32), (6, 3)]
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=str)
+@pytest.mark.parametrize("config", [dict(), dict(momentum=None), dict(affine=False)], ids=str)
+def test_half_tensors_match_the_reference_within_one_rounding(rng, dtype, shape, config):
+    cls = batchnorm.BatchNorm1d if len(shape) == 2 else batchnorm.BatchNorm2d
+    c = shape[1]
+    m, ref = cls(c, **config), ReferenceBatchNorm2d(c, **config)
+    randomize_parameters(m, ref, rng, np.float32)
+    m.to("cuda")
+    planes = (shape[0], c, 1, -1)
+    for step in range(3):
+        m.train(step < 2)
+        ref.training = step < 2
+        x, x64 = half_on_gpu(rng.standard_normal(shape) * (step + 2) + 3 * step, dtype)
+        y = m(x)
+        assert y.dtype == np.dtype(dtype) and y.shape == shape
+        assert_within_one_rounding(half_host(y, dtype).reshape(planes), ref.forward(x64.reshape(planes)), dtype)
+        dy, dy64 = half_on_gpu(rng.standard_normal(shape), dtype)
+        dx = m.backward(dy)
+        assert_within_one_rounding(half_host(dx, dtype).reshape(planes), ref.backward(dy64.reshape(planes)), dtype)
+    state = m.state_dict()
+    assert all(v.dtype in (np.float32, np.int64) for v in state.values())
+    if ref.running_var is not None:
+        np.testing.assert_allclose(state["running_mean"], ref.running_mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(state["running_var"], ref.running_var, rtol=1e-6, atol=1e-6)
+    if ref.grad_weight is not None:
+        np.testing.assert_allclose(host(m.grad_weight), ref.grad_weight, rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+@needs_torch
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
+def test_half_tensors_on_the_gpu_match_torch(rng, dtype):
+    shape = (16, 4, 10, 10)
+    theirs = torch.nn.BatchNorm2d(4).cuda()
+    ours = batchnorm.BatchNorm2d(4, device="cuda")
+    for _ in range(3):
+        x, _ = half_on_gpu(rng.standard_normal(shape) * 2 + 1, dtype)
+        x.requires_grad_()
+        ty = theirs(x)
+        assert ty.dtype == x.dtype
+        np.testing.assert_allclose(
+            host(torch.from_dlpack(ours(x)).float()), ty.detach().float().cpu().numpy(), rtol=1e-2, atol=1e-2
+        )
+        dy, _ = half_on_gpu(rng.standard_normal(shape), dtype)
+        ty.backward(dy)
+        np.testing.assert_allclose(
+            host(torch.from_dlpack(ours.backward(dy)).float()), x.grad.float().cpu().numpy(), rtol=1e-2, atol=1e-2
+        )
+        x.grad = None
+    for key, value in theirs.state_dict().items():
+        np.testing.assert_allclose(ours.state_dict()[key], value.cpu().numpy(), rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@needs_gpu
+@needs_torch
+def test_half_outputs_and_gradients_keep_the_inputs_dtype_and_bad_ones_change_nothing(rng):
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    x, _ = half_on_gpu(rng.standard_normal((4, 3, 4, 4)), np.float16)
+    before = m.state_dict()
+    for out in [
+        torch.empty((4, 3, 4, 4), device="cuda"),
+        torch.empty((4, 3, 4, 4), device="cuda", dtype=torch.bfloat16),
+    ]:
+        with pytest.raises(TypeError, match="float16"):
+            m(x, out=out)
+    for key, value in m.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    out = torch.empty((4, 3, 4, 4), device="cuda", dtype=torch.float16)
+    assert m(x, out=out) is out
+    with pytest.raises(TypeError, match="grad_output of dtype float16"):
+        m.backward(torch.zeros((4, 3, 4, 4), device="cuda"))
+    y = m(x)
+    assert y.dtype == np.float16 and y.__cuda_array_interface__["typestr"] == "<f2"
+    np.testing.assert_array_equal(y.numpy(), out.cpu().numpy())
+    bf, _ = half_on_gpu(rng.standard_normal((4, 3, 4, 4)), HALF[-1])
+    if bf.dtype == torch.bfloat16:
+        z = m(bf)
+        assert torch.from_dlpack(z).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="DLPack"):
+            _ = z.__cuda_array_interface__
+    with pytest.raises(TypeError, match="float64.*float16"):
+        batchnorm.BatchNorm2d(3, dtype=np.float64, device="cuda")(x)
+
+
+@needs_gpu
+def test_cupy_float16_arrays_in_and_out(rng):
+    cp = pytest.importorskip("cupy")
+    x = rng.standard_normal((8, 3, 6, 6)).astype(np.float16)
+    m, ref = batchnorm.BatchNorm2d(3, device="cuda"), ReferenceBatchNorm2d(3)
+    y = cp.asarray(m(cp.asarray(x)))
+    assert y.dtype == cp.float16
+    assert_within_one_rounding(cp.asnumpy(y), ref.forward(x.astype(np.float64)), np.float16)

@@ -8,21 +8,14 @@ import pytest
 
 import batchnorm
 
+from helpers import HALF, assert_within_one_rounding
 from reference import ReferenceBatchNorm2d
-
-try:
-    import ml_dtypes
-
-    BFLOAT16 = [ml_dtypes.bfloat16]
-except ImportError:
-    BFLOAT16 = []
 
 try:
     import torch
 except ImportError:
     torch = None
 
-HALF = [np.float16, *BFLOAT16]
 FAMILY = [
     (batchnorm.BatchNorm1d, (8, 3)),
     (batchnorm.BatchNorm1d, (4, 3, 9)),
@@ -30,27 +23,6 @@ FAMILY = [
     (batchnorm.BatchNorm3d, (2, 3, 3, 4, 5)),
 ]
 CONFIGS = [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)]
-
-
-MANTISSA_BITS = {"float16": 10, "bfloat16": 7}
-
-
-def ulp(values, dtype):
-    """The spacing of the half dtype's values at `values` (float64), subnormals included."""
-    bits = MANTISSA_BITS[np.dtype(dtype).name]
-    smallest = float(np.finfo(dtype).smallest_subnormal) if dtype == np.float16 else 2.0**-133
-    _, exponent = np.frexp(np.abs(values))
-    return np.maximum(np.ldexp(1.0, exponent - 1 - bits), smallest)
-
-
-def assert_within_one_rounding(got, exact, dtype):
-    """`got` (of the half dtype) within one unit in the last place of `exact` rounded to that dtype."""
-    assert got.dtype == np.dtype(dtype)
-    rounded = exact.astype(dtype).astype(np.float64)
-    got = got.astype(np.float64)
-    error = np.abs(got - rounded)
-    allowed = np.maximum(ulp(rounded, dtype), ulp(got, dtype))
-    assert np.all(error <= allowed), f"largest error {np.max(error / allowed):.2f} ulp"
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)

@@ -144,8 +144,8 @@ fn byte_len<T>(len: usize) -> Result<usize> {
 ///
 /// # Safety
 /// `ptr` must address `len` values of `T` on `device`.
-pub unsafe fn copy_to_host<T: Element>(device: &Device, ptr: u64, len: usize) -> Result<Vec<T>> {
-    let mut values = vec![T::ZERO; len];
+pub unsafe fn copy_to_host<T: bytemuck::Pod>(device: &Device, ptr: u64, len: usize) -> Result<Vec<T>> {
+    let mut values = vec![T::zeroed(); len];
     device.copy_out(ptr, bytemuck::cast_slice_mut(&mut values))?;
     Ok(values)
 }

@@ -12,11 +12,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use super::{array_span, output, type_name, typed_array, Dtype, Float, PyBatchNorm, Saved};
+use crate::convert::Half;
 use crate::cuda::{self, Device, DeviceBuffer, DeviceTensor, Event, Stream};
 use crate::error::{shape_str, Error, Result};
 use crate::BatchNorm;
 use crate::Buffer;
-use crate::Element;
 
 /// DLPack's device type of CUDA memory.
 const KDL_CUDA: i32 = 2;
@@ -57,6 +57,58 @@ struct DLManagedTensor {
     dl_tensor: DLTensor,
     manager_ctx: *mut c_void,
     deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+/// What a GPU array holds: values of a module's dtype, or half values (which float32 modules
+/// take: PyTorch's mixed precision).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Values {
+    Float(Dtype),
+    Half(Half),
+}
+
+impl Values {
+    fn name(self) -> &'static str {
+        match self {
+            Values::Float(dtype) => dtype.name(),
+            Values::Half(half) => half.name(),
+        }
+    }
+    fn item_size(self) -> usize {
+        match self {
+            Values::Float(dtype) => dtype.item_size(),
+            Values::Half(_) => 2,
+        }
+    }
+    fn dlpack(self) -> DLDataType {
+        let code = if self == Values::Half(Half::BF16) { KDL_BFLOAT } else { KDL_FLOAT };
+        DLDataType { code, bits: (self.item_size() * 8) as u8, lanes: 1 }
+    }
+    /// NumPy's dtype for them; bfloat16's is ml_dtypes' (NumPy has none of its own).
+    fn descr(self, py: Python<'_>) -> PyResult<Bound<'_, PyArrayDescr>> {
+        match self {
+            Values::Float(Dtype::F32) => Ok(dtype::<f32>(py)),
+            Values::Float(Dtype::F64) => Ok(dtype::<f64>(py)),
+            Values::Half(Half::F16) => PyArrayDescr::new(py, "float16"),
+            Values::Half(Half::BF16) => {
+                let bfloat16 = py.import("ml_dtypes").and_then(|m| m.getattr("bfloat16")).map_err(|_| {
+                    PyTypeError::new_err("a bfloat16 array on the host needs the ml_dtypes package: pip install ml_dtypes")
+                })?;
+                Ok(PyArrayDescr::new(py, bfloat16)?)
+            }
+        }
+    }
+    /// The CUDA array interface's type string: bfloat16 has none (the protocol takes NumPy's).
+    fn typestr(self) -> PyResult<&'static str> {
+        match self {
+            Values::Float(Dtype::F32) => Ok("<f4"),
+            Values::Float(Dtype::F64) => Ok("<f8"),
+            Values::Half(Half::F16) => Ok("<f2"),
+            Values::Half(Half::BF16) => Err(PyTypeError::new_err(
+                "a bfloat16 array has no __cuda_array_interface__ (it takes NumPy's types only): use DLPack",
+            )),
+        }
+    }
 }
 
 /// The stream a call asks for (`None` when it names none; see `default_stream`): a raw handle
@@ -122,7 +174,7 @@ pub(crate) fn is_gpu_array(value: &Bound<'_, PyAny>) -> bool {
 pub(crate) struct GpuArray {
     pub ptr: u64,
     pub shape: Vec<usize>,
-    pub dtype: std::result::Result<Dtype, String>,
+    pub dtype: std::result::Result<Values, String>,
     pub device: usize,
     pub readonly: bool,
     /// The stream its producer uses it on next, when known (PyTorch's current stream, the CUDA
@@ -150,30 +202,38 @@ impl GpuArray {
     ///
     /// # Safety
     /// The array must stay alive until the work queued on the tensor has finished.
-    unsafe fn tensor<T: Element>(&self, ranks: crate::Ranks) -> Result<DeviceTensor<T>> {
+    unsafe fn tensor<T: Float>(&self, ranks: crate::Ranks) -> Result<DeviceTensor<T>> {
         // SAFETY: the caller's guarantee; `import` checked the array C-contiguous.
-        unsafe { DeviceTensor::contiguous(self.ptr, &self.shape, ranks) }
+        unsafe {
+            match self.dtype {
+                Ok(Values::Half(half)) => T::device_half(self.ptr, &self.shape, ranks, half),
+                _ => DeviceTensor::contiguous(self.ptr, &self.shape, ranks),
+            }
+        }
+    }
+
+    /// What a module of `dtype` expects of a tensor that comes with this input: its own half
+    /// type when this is a half input to a float32 module, else `dtype`.
+    pub(crate) fn expected_with(&self, dtype: Dtype) -> Values {
+        match self.dtype {
+            Ok(Values::Half(half)) if dtype == Dtype::F32 => Values::Half(half),
+            _ => Values::Float(dtype),
+        }
     }
 
     pub(crate) fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
-    /// Checks that the array can feed a module of `dtype` on `device`.
-    pub(crate) fn check(&self, what: &str, dtype: Dtype, device: usize) -> Result<()> {
+    /// Checks that the array holds `expected` values on `device`.
+    pub(crate) fn check(&self, what: &str, expected: Values, device: usize) -> Result<()> {
         match &self.dtype {
-            Ok(d) if *d == dtype => {}
-            Ok(d) => {
-                return Err(Error::DType { what: what.into(), expected: dtype.name().into(), got: d.name().into() })
-            }
-            Err(name) if name == "float16" || name == "bfloat16" => {
-                return Err(Error::Unsupported(format!(
-                    "{what} of dtype {name} runs on the CPU only so far: the CUDA kernels for half inputs are not \
-                     written yet; move the module to the CPU, or pass float32"
-                )))
+            Ok(values) if *values == expected => {}
+            Ok(values) => {
+                return Err(Error::DType { what: what.into(), expected: expected.name().into(), got: values.name().into() })
             }
             Err(name) => {
-                return Err(Error::DType { what: what.into(), expected: dtype.name().into(), got: name.clone() })
+                return Err(Error::DType { what: what.into(), expected: expected.name().into(), got: name.clone() })
             }
         }
         if self.device != device && self.numel() > 0 {
@@ -290,10 +350,12 @@ impl TorchHooks {
     }
 }
 
-fn dtype_of(code: u8, bits: u8, lanes: u16) -> std::result::Result<Dtype, String> {
+fn dtype_of(code: u8, bits: u8, lanes: u16) -> std::result::Result<Values, String> {
     match (code, bits, lanes) {
-        (KDL_FLOAT, 32, 1) => Ok(Dtype::F32),
-        (KDL_FLOAT, 64, 1) => Ok(Dtype::F64),
+        (KDL_FLOAT, 32, 1) => Ok(Values::Float(Dtype::F32)),
+        (KDL_FLOAT, 64, 1) => Ok(Values::Float(Dtype::F64)),
+        (KDL_FLOAT, 16, 1) => Ok(Values::Half(Half::F16)),
+        (KDL_BFLOAT, 16, 1) => Ok(Values::Half(Half::BF16)),
         (KDL_FLOAT, bits, 1) => Err(format!("float{bits}")),
         (KDL_BFLOAT, bits, 1) => Err(format!("bfloat{bits}")),
         (0, bits, 1) => Err(format!("int{bits}")),
@@ -366,9 +428,9 @@ fn import_interface(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyR
     let (ptr, readonly): (u64, bool) = field("data")?.extract()?;
     let strides: Option<Vec<i64>> = interface.get_item("strides")?.map(|s| s.extract()).transpose()?.flatten();
     let dtype = match typestr.as_str() {
-        "<f4" => Ok(Dtype::F32),
-        "<f8" => Ok(Dtype::F64),
-        "<f2" => Err("float16".to_string()),
+        "<f4" => Ok(Values::Float(Dtype::F32)),
+        "<f8" => Ok(Values::Float(Dtype::F64)),
+        "<f2" => Ok(Values::Half(Half::F16)),
         other => Err(other.to_string()),
     };
     if let (Some(strides), Ok(dtype)) = (&strides, &dtype) {
@@ -399,7 +461,7 @@ fn import_interface(value: &Bound<'_, PyAny>, what: &str, stream: Stream) -> PyR
 pub struct DeviceArray {
     ptr: u64,
     shape: Vec<usize>,
-    dtype: Dtype,
+    dtype: Values,
     device: Arc<Device>,
     /// The stream whose work writes the array; consumers are ordered after it.
     stream: Stream,
@@ -419,7 +481,7 @@ trait WrittenBy: Send + Sync {
     fn written_by(&self, event: Arc<Event>);
 }
 
-impl<T: Element> WrittenBy for DeviceBuffer<T> {
+impl<T: bytemuck::Pod + Send + Sync> WrittenBy for DeviceBuffer<T> {
     fn written_by(&self, event: Arc<Event>) {
         DeviceBuffer::written_by(self, event)
     }
@@ -427,21 +489,18 @@ impl<T: Element> WrittenBy for DeviceBuffer<T> {
 
 impl DeviceArray {
     /// A fresh array of `shape` for results written on `stream`.
-    pub(crate) fn empty<T: Element>(
-        device: &Arc<Device>,
-        shape: &[usize],
-        dtype: Dtype,
-        stream: Stream,
-    ) -> Result<DeviceArray> {
-        let buffer = DeviceBuffer::<T>::for_output(device, shape.iter().product(), stream)?;
-        Ok(DeviceArray {
-            ptr: buffer.ptr(),
-            shape: shape.to_vec(),
-            dtype,
-            device: device.clone(),
-            stream,
-            storage: Storage::Own(Box::new(buffer)),
-        })
+    pub(crate) fn empty(device: &Arc<Device>, shape: &[usize], dtype: Values, stream: Stream) -> Result<DeviceArray> {
+        fn own<T: bytemuck::Pod + Send + Sync>(device: &Arc<Device>, len: usize, stream: Stream) -> Result<(u64, Storage)> {
+            let buffer = DeviceBuffer::<T>::for_output(device, len, stream)?;
+            Ok((buffer.ptr(), Storage::Own(Box::new(buffer))))
+        }
+        let len = shape.iter().product();
+        let (ptr, storage) = match dtype {
+            Values::Float(Dtype::F32) => own::<f32>(device, len, stream)?,
+            Values::Float(Dtype::F64) => own::<f64>(device, len, stream)?,
+            Values::Half(_) => own::<u16>(device, len, stream)?,
+        };
+        Ok(DeviceArray { ptr, shape: shape.to_vec(), dtype, device: device.clone(), stream, storage })
     }
 
     /// Records that the work up to `event` writes this array, for its own buffer's free.
@@ -456,7 +515,7 @@ impl DeviceArray {
         owner: Box<dyn std::any::Any + Send + Sync>,
         ptr: u64,
         shape: &[usize],
-        dtype: Dtype,
+        dtype: Values,
         device: &Arc<Device>,
         stream: Stream,
     ) -> DeviceArray {
@@ -514,7 +573,7 @@ impl DeviceArray {
         PyTuple::new(py, &self.shape)
     }
     #[getter]
-    fn dtype<'py>(&self, py: Python<'py>) -> Bound<'py, PyArrayDescr> {
+    fn dtype<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDescr>> {
         self.dtype.descr(py)
     }
     /// "cuda:N".
@@ -537,13 +596,18 @@ impl DeviceArray {
         let count = self.size();
         // SAFETY: the array holds `count` values of its dtype on its device.
         let flat = match self.dtype {
-            Dtype::F32 => {
+            Values::Float(Dtype::F32) => {
                 numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f32>(&self.device, self.ptr, count)? })
                     .into_any()
             }
-            Dtype::F64 => {
+            Values::Float(Dtype::F64) => {
                 numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f64>(&self.device, self.ptr, count)? })
                     .into_any()
+            }
+            // The bits, viewed as the half dtype.
+            Values::Half(_) => {
+                let bits = unsafe { cuda::copy_to_host::<u16>(&self.device, self.ptr, count)? };
+                numpy::PyArray1::from_vec(py, bits).call_method1("view", (self.dtype.descr(py)?,))?
             }
         };
         flat.call_method1("reshape", (self.shape.clone(),))
@@ -616,14 +680,13 @@ impl DeviceArray {
             }
         }
         let shape: Vec<i64> = this.shape.iter().map(|&d| d as i64).collect();
-        let bits = (this.dtype.item_size() * 8) as u8;
         let mut export = Box::new(Export {
             managed: DLManagedTensor {
                 dl_tensor: DLTensor {
                     data: this.ptr as *mut c_void,
                     device: DLDevice { device_type: KDL_CUDA, device_id: this.device.ordinal() as i32 },
                     ndim: shape.len() as i32,
-                    dtype: DLDataType { code: KDL_FLOAT, bits, lanes: 1 },
+                    dtype: this.dtype.dlpack(),
                     shape: std::ptr::null_mut(),
                     strides: std::ptr::null_mut(),
                     byte_offset: 0,
@@ -653,7 +716,7 @@ impl DeviceArray {
     fn __cuda_array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let interface = PyDict::new(py);
         interface.set_item("shape", PyTuple::new(py, &self.shape)?)?;
-        interface.set_item("typestr", self.dtype.typestr())?;
+        interface.set_item("typestr", self.dtype.typestr()?)?;
         interface.set_item("data", (self.ptr, false))?;
         interface.set_item("strides", py.None())?;
         interface.set_item("version", 3)?;
@@ -689,27 +752,12 @@ pub(crate) fn upload<'py, T: super::Float>(
     let array = DeviceArray {
         ptr: buffer.ptr(),
         shape,
-        dtype,
+        dtype: Values::Float(dtype),
         device: device.clone(),
         stream: Stream::DEFAULT,
         storage: Storage::Own(Box::new(buffer)),
     };
     Bound::new(py, array)
-}
-
-impl Dtype {
-    fn descr(self, py: Python<'_>) -> Bound<'_, PyArrayDescr> {
-        match self {
-            Dtype::F32 => dtype::<f32>(py),
-            Dtype::F64 => dtype::<f64>(py),
-        }
-    }
-    fn typestr(self) -> &'static str {
-        match self {
-            Dtype::F32 => "<f4",
-            Dtype::F64 => "<f8",
-        }
-    }
 }
 
 /// A DeviceArray over one of a GPU module's (C,) arrays. It holds that array's device buffer, not
@@ -725,7 +773,8 @@ pub(crate) fn view<'py, T: Float>(
     let channels = module.config().num_features;
     // Ready in the order of the stream the module's last work went to: a consumer is ordered
     // after that work (through __dlpack__'s stream or the interface's).
-    let array = DeviceArray::borrowed(Box::new(buffer), ptr, &[channels], dtype, &device, module.last_stream());
+    let array =
+        DeviceArray::borrowed(Box::new(buffer), ptr, &[channels], Values::Float(dtype), &device, module.last_stream());
     Bound::new(owner.py(), array).ok().map(Bound::into_any)
 }
 
@@ -748,32 +797,34 @@ pub(crate) fn host_array<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, 
     py.detach(|| Event::record(&device, Stream::DEFAULT)?.wait())?;
     // SAFETY: the array holds `count` values of its dtype on `device`.
     let flat = match array.dtype {
-        Ok(Dtype::F32) => {
+        Ok(Values::Float(Dtype::F32)) => {
             numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f32>(&device, array.ptr, count)? }).into_any()
         }
-        Ok(Dtype::F64) => {
+        Ok(Values::Float(Dtype::F64)) => {
             numpy::PyArray1::from_vec(py, unsafe { cuda::copy_to_host::<f64>(&device, array.ptr, count)? }).into_any()
         }
-        Err(name) => {
-            return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got: name }.into())
+        Ok(Values::Half(half)) => {
+            let got = half.name().into();
+            return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got }.into());
         }
+        Err(got) => return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got }.into()),
     };
     flat.call_method1("reshape", (array.shape.clone(),))
 }
 
 /// Where a GPU result goes: a fresh DeviceArray, or the caller's `out=` after checking it; with
 /// the result's address and its producer's stream (see `GpuArray::producer`).
-fn gpu_output<'py, T: Float>(
+fn gpu_output<'py>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
     device: &Arc<Device>,
-    dtype: Dtype,
+    dtype: Values,
     shape: &[usize],
     inputs: &[&GpuArray],
     stream: Stream,
 ) -> PyResult<(Bound<'py, PyAny>, u64, Option<Stream>)> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
-        let array = DeviceArray::empty::<T>(device, shape, dtype, stream)?;
+        let array = DeviceArray::empty(device, shape, dtype, stream)?;
         let ptr = array.ptr();
         return Ok((Bound::new(py, array)?.into_any(), ptr, None));
     };
@@ -881,8 +932,9 @@ pub(crate) fn forward<'py, T: Float>(
         None => default_stream(input)?,
     };
     let x = import(input, "input", stream)?;
-    x.check("input", this.dtype, device.ordinal())?;
-    let (y, y_ptr, y_producer) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x], stream)?;
+    let values = x.expected_with(this.dtype);
+    x.check("input", values, device.ordinal())?;
+    let (y, y_ptr, y_producer) = gpu_output(py, out, &device, values, &x.shape, &[&x], stream)?;
     let y_array =
         GpuArray { ptr: y_ptr, readonly: false, producer: None, owner: y.clone().unbind(), ..x.clone_ref(py) };
     let mut state = this.state(py);
@@ -922,8 +974,9 @@ pub(crate) fn backward<'py, T: Float>(
         None => default_stream(grad_output)?,
     };
     let dy = import(grad_output, "grad_output", stream)?;
-    dy.check("grad_output", this.dtype, device.ordinal())?;
-    let (dx, dx_ptr, dx_producer) = gpu_output::<T>(py, out, &device, this.dtype, &x.shape, &[&x, &dy], stream)?;
+    let values = x.expected_with(this.dtype);
+    dy.check("grad_output", values, device.ordinal())?;
+    let (dx, dx_ptr, dx_producer) = gpu_output(py, out, &device, values, &x.shape, &[&x, &dy], stream)?;
     let dx_array =
         GpuArray { ptr: dx_ptr, readonly: false, producer: None, owner: dx.clone().unbind(), ..x.clone_ref(py) };
     let mut state = this.state(py);

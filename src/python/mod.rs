@@ -77,6 +77,12 @@ pub(crate) trait Float: Element + NpElement {
     fn typed(module: &mut AnyModule) -> Option<&mut BatchNorm<Self>>;
     /// A half array read as a tensor of this type: float32 only (see `half_dtype`).
     fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, half: Half, ranks: Ranks) -> Result<TensorRef<'a, Self>>;
+    /// A C-contiguous GPU array of half values as a tensor of this type: float32 only.
+    ///
+    /// # Safety
+    /// As [`crate::cuda::DeviceTensor::half`].
+    #[cfg(feature = "cuda")]
+    unsafe fn device_half(ptr: u64, dims: &[usize], ranks: Ranks, half: Half) -> Result<crate::cuda::DeviceTensor<Self>>;
 }
 
 impl Float for f32 {
@@ -89,6 +95,11 @@ impl Float for f32 {
     fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, half: Half, ranks: Ranks) -> Result<TensorRef<'a, f32>> {
         half_view(array, half, ranks)
     }
+    #[cfg(feature = "cuda")]
+    unsafe fn device_half(ptr: u64, dims: &[usize], ranks: Ranks, half: Half) -> Result<crate::cuda::DeviceTensor<f32>> {
+        // SAFETY: the caller's guarantee.
+        unsafe { crate::cuda::DeviceTensor::half(ptr, dims, ranks, half) }
+    }
 }
 
 impl Float for f64 {
@@ -100,6 +111,10 @@ impl Float for f64 {
     }
     fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, _: Half, _: Ranks) -> Result<TensorRef<'a, f64>> {
         Err(Error::DType { what: "input".into(), expected: f64::DTYPE.into(), got: dtype_name(array) })
+    }
+    #[cfg(feature = "cuda")]
+    unsafe fn device_half(_: u64, _: &[usize], _: Ranks, half: Half) -> Result<crate::cuda::DeviceTensor<f64>> {
+        Err(Error::DType { what: "input".into(), expected: f64::DTYPE.into(), got: half.name().into() })
     }
 }
 
