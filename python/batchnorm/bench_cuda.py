@@ -1,14 +1,16 @@
 """CUDA benchmark: batchnorm on the GPU beside PyTorch (cuDNN on and off) and a device-to-device copy.
 
-Run `python -m batchnorm.bench_cuda [--json PATH] [--quick]` on a machine with a GPU, PyTorch (CUDA) and
-the batchnorm wheel; `--table PATH` prints the Markdown tables of a saved run. Rounds are interleaved:
-each round times every case once, as CALLS back-to-back calls between two CUDA events, rotating
-among input sets larger than L2 together; a case's time is the median over rounds, per call. Two
-times per case: a call's time as a Python loop sees it ("call": the GPU idles while the host is
-slower than the kernels, as it is for small tensors), and the device's time ("device": the calls
-are queued behind a sleeping kernel first, so the host's cost is hidden). Bandwidth is the device
-time against each operation's floor: one read of every input and one write of every output (train
-and eval: x, y; backward: x, dy, dx), compared with the copy's (read + write), timed the same way.
+Run `python -m batchnorm.bench_cuda [--json PATH] [--quick] [--dtype float16]` on a machine with a
+GPU, PyTorch (CUDA) and the batchnorm wheel; `--table PATH` prints the Markdown tables of a saved
+run. Rounds are interleaved: each round times every case once, as CALLS back-to-back calls between
+two CUDA events, rotating among input sets larger than L2 together; a case's time is the median
+over rounds, per call. Two times per case: a call's time as a Python loop sees it ("call": the GPU
+idles while the host is slower than the kernels, as it is for small tensors), and the device's time
+("device": the calls are queued behind a sleeping kernel first, so the host's cost is hidden).
+Bandwidth is the device time against each operation's floor: one read of every input and one write
+of every output (train and eval: x, y; backward: x, dy, dx), compared with the copy's (read +
+write), timed the same way. With --dtype float16 or bfloat16, the tensors are of that dtype and
+the modules float32 (PyTorch's mixed precision, which cuDNN runs too).
 """
 
 import argparse
@@ -76,12 +78,12 @@ def median_ms_per_call(torch, rows, inputs, queued):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def rows_for(torch, shape, channels_last):
+def rows_for(torch, shape, channels_last, dtype):
     """The timed calls for one shape: name -> (operation, function of (x, dy))."""
     functional = torch.nn.functional
     c = shape[1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(shape, device="cuda").contiguous(memory_format=memory_format)
+    out = torch.empty(shape, device="cuda", dtype=dtype).contiguous(memory_format=memory_format)
     weight = torch.rand(c, device="cuda", requires_grad=True)
     bias = torch.randn(c, device="cuda", requires_grad=True)
     mean, var = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
@@ -120,17 +122,18 @@ def rows_for(torch, shape, channels_last):
     return rows
 
 
-def measure(torch, shape, channels_last=False):
-    sets = max(2, -(-L2_MULTIPLE * l2_bytes(torch) // (4 * torch.Size(shape).numel())))
+def measure(torch, shape, channels_last=False, dtype=None):
+    dtype = dtype or torch.float32
+    sets = max(2, -(-L2_MULTIPLE * l2_bytes(torch) // (dtype.itemsize * torch.Size(shape).numel())))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [
         (
-            (torch.randn(shape, device="cuda") * 2 + 1).contiguous(memory_format=memory_format),
-            torch.randn(shape, device="cuda").contiguous(memory_format=memory_format),
+            (torch.randn(shape, device="cuda") * 2 + 1).to(dtype).contiguous(memory_format=memory_format),
+            torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=memory_format),
         )
         for _ in range(sets)
     ]
-    rows = rows_for(torch, shape, channels_last)
+    rows = rows_for(torch, shape, channels_last, dtype)
     calls = {name: call for name, (_, call) in rows.items()}
     operations = {name: operation for name, (operation, _) in rows.items()}
     operations.update({f"{name} (no cuDNN)": operations[name] for name in calls if name.startswith("torch")})
@@ -149,7 +152,7 @@ def l2_bytes(torch):
     return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
 
 
-def environment(torch):
+def environment(torch, dtype):
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(
@@ -172,13 +175,18 @@ def environment(torch):
         "batchnorm": batchnorm.__version__,
         "rounds": ROUNDS,
         "calls_per_round": CALLS,
+        "dtype": dtype,
     }
 
 
-def rate(shape, entry, copy_ms):
+ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def rate(shape, entry, copy_ms, dtype="float32"):
     """GB/s over the operation's floor in device time, and that as a fraction of the copy's."""
-    floor = FLOOR_TRANSFERS[entry["operation"]] * 4 * _numel(shape)
-    copy_rate = 2 * 4 * _numel(shape) / copy_ms / 1e6
+    item = ITEM_SIZE[dtype]
+    floor = FLOOR_TRANSFERS[entry["operation"]] * item * _numel(shape)
+    copy_rate = 2 * item * _numel(shape) / copy_ms / 1e6
     achieved = floor / entry["device_ms"] / 1e6
     return achieved, achieved / copy_rate
 
@@ -187,9 +195,10 @@ def tables(report):
     """Markdown: per shape and layout, each case's times, bandwidth, share of the copy's, and
     PyTorch's (cuDNN) time over ours."""
     env = report["environment"]
+    dtype = env.get("dtype", "float32")
     lines = [
         f"{env['device']} ({env['multiprocessors']} SMs), driver {env['driver']}, CUDA {env['cuda']}, "
-        f"torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); float32; median of "
+        f"torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); {dtype} tensors; median of "
         f"{env['rounds']} interleaved rounds of {env['calls_per_round']} calls. 'call': a Python loop's time "
         "per call; 'device': the GPU's alone; 'of copy': bandwidth over the operation's floor (device time) "
         "over the D2D copy's; 'torch / ours': PyTorch's (cuDNN) time over ours, per call and device.",
@@ -198,7 +207,7 @@ def tables(report):
     for key, results in report["shapes"].items():
         shape = tuple(results["shape"])
         copy = results["cases"]["copy"]
-        rate_copy = 2 * 4 * _numel(shape) / copy["device_ms"] / 1e6
+        rate_copy = 2 * ITEM_SIZE[dtype] * _numel(shape) / copy["device_ms"] / 1e6
         lines += [f"**{key}** (copy {copy['device_ms'] * 1e3:.1f} µs on the device, {rate_copy:.0f} GB/s)", ""]
         lines += [
             "| case | call µs | device µs | GB/s | of copy | torch / ours (call) | torch / ours (device) |",
@@ -207,7 +216,7 @@ def tables(report):
         for name, entry in results["cases"].items():
             if name == "copy":
                 continue
-            achieved, share = rate(shape, entry, copy["device_ms"])
+            achieved, share = rate(shape, entry, copy["device_ms"], dtype)
             speedups = ["", ""]
             theirs = results["cases"].get("torch " + name.removeprefix("batchnorm "))
             if name.startswith("batchnorm") and theirs:
@@ -223,6 +232,7 @@ def tables(report):
 def summary(report):
     """Markdown: one row per shape and layout, device times in µs, ours beside PyTorch's (cuDNN), and
     our bandwidth as a share of the copy's; per-call times in the detailed tables."""
+    dtype = report["environment"].get("dtype", "float32")
     lines = [
         "| (N, C, H, W) | copy | train: ours (of copy) / torch | eval: ours (of copy) / torch "
         "| train+backward: ours (of copy) / torch |",
@@ -238,7 +248,7 @@ def summary(report):
             if ours is None:
                 cells.append(f"n/a / {theirs}")
                 continue
-            share = rate(shape, ours, copy_ms)[1]
+            share = rate(shape, ours, copy_ms, dtype)[1]
             cells.append(f"{ours['device_ms'] * 1e3:.1f} ({share:.0%}) / {theirs}")
         lines.append(f"| {key} | {copy_ms * 1e3:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -257,6 +267,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the two headline shapes only, NCHW")
     parser.add_argument("--table", metavar="JSON", help="print the Markdown tables of a saved run and exit")
     parser.add_argument("--summary", metavar="JSON", help="print the one-row-per-shape summary of a saved run")
+    parser.add_argument("--dtype", choices=sorted(ITEM_SIZE), default="float32", help="the tensors' dtype")
     args = parser.parse_args(argv)
     if args.table or args.summary:
         with open(args.table or args.summary) as f:
@@ -274,7 +285,7 @@ def main(argv=None):
     except RuntimeError as error:
         sys.exit(f"python -m batchnorm.bench_cuda: batchnorm cannot use the GPU: {error}")
 
-    report = {"environment": environment(torch), "shapes": {}}
+    report = {"environment": environment(torch, args.dtype), "shapes": {}}
     print(json.dumps(report["environment"]))
     plan = [(shape, False) for shape in HEADLINE]
     if not args.quick:
@@ -285,7 +296,7 @@ def main(argv=None):
         report["shapes"][key] = {
             "shape": list(shape),
             "channels_last": channels_last,
-            "cases": measure(torch, shape, channels_last),
+            "cases": measure(torch, shape, channels_last, getattr(torch, args.dtype)),
         }
         torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
