@@ -62,8 +62,9 @@ grep -E "^  [a-z_0-9]+\(|gpu__time|dram__bytes" "$LOGS/ncu.log" | sed -E 's/\(Fo
 for dtype in float32 float16 bfloat16; do
   step "benchmark ($dtype tensors)"
   limit=${BENCH_LIMIT:-170}; args=${BENCH_ARGS:-}
+  # Half tensors run on a GPU only when asked until these runs have verified their kernels.
   [ "$dtype" != float32 ] && { limit=60; args=--quick; }
-  timeout "$limit" python3 -m batchnorm.bench_cuda $args --dtype $dtype --json "$OUT/bench_cuda_$dtype.json" \
+  BATCHNORM_UNVERIFIED_HALF_KERNELS=1 timeout "$limit" python3 -m batchnorm.bench_cuda $args --dtype $dtype --json "$OUT/bench_cuda_$dtype.json" \
     > "$LOGS/bench_$dtype.log" 2>&1
   rc=$?; record "bench $dtype" $rc; tail -4 "$LOGS/bench_$dtype.log"
 done

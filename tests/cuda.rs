@@ -5,6 +5,7 @@
 #[path = "common/half_conversions.rs"]
 mod half_conversions;
 
+use batchnorm::convert::Half::F16;
 use batchnorm::cuda::{self, DeviceBuffer, DeviceTensor, Stream};
 use batchnorm::{BatchNorm, Buffer, Config, Element, Kind, Shape, TensorRef};
 
@@ -199,9 +200,21 @@ fn gpu_smallest_shapes_of_every_kernel() {
     }
 }
 
-/// The GPU's conversion instructions give what the `half` crate gives, for every half value.
+/// Until the half kernels have run on a GPU, a GPU refuses half tensors unless told otherwise;
+/// told, its conversion instructions give what the `half` crate gives, for every half value.
 #[test]
 fn gpu_every_half_value_converts_as_the_half_crate_does() {
     let Some(device) = gpu() else { return };
+    std::env::remove_var(cuda::UNVERIFIED_HALF_KERNELS);
+    let mut module = BatchNorm::<f32>::new(Kind::BatchNorm1d, Config::new(1)).unwrap();
+    module.to_device(&device).unwrap();
+    let (x, y) = (DeviceBuffer::<u16>::zeroed(&device, 4).unwrap(), DeviceBuffer::<u16>::unset(&device, 4).unwrap());
+    // SAFETY: two live buffers of four half values on the module's device.
+    let half = |b: &DeviceBuffer<u16>| unsafe { DeviceTensor::half(b.ptr(), &[4, 1], batchnorm::Ranks::Sequence, F16) };
+    // SAFETY: as above.
+    let error = unsafe { module.forward_on_device(half(&x).unwrap(), half(&y).unwrap(), Stream::DEFAULT) };
+    let error = error.expect_err("half tensors are refused").to_string();
+    assert!(error.contains("not yet run on a GPU") && error.contains(cuda::UNVERIFIED_HALF_KERNELS), "{error}");
+    std::env::set_var(cuda::UNVERIFIED_HALF_KERNELS, "1");
     half_conversions::every_half_value_converts_as_the_half_crate_does(&device);
 }

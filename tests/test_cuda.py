@@ -502,6 +502,25 @@ def test_tensors_that_require_grad_are_read_in_place(rng):
 
 
 # ---- float16 and bfloat16 tensors on float32 modules ---------------------------------------------
+# Their kernels have passed the CPU emulator (tests/cuda_emulator.rs) but not yet run on a GPU, so a
+# GPU refuses them unless BATCHNORM_UNVERIFIED_HALF_KERNELS=1, which these tests set: they are what
+# verifies them on the next GPU.
+
+
+@pytest.fixture
+def half_kernels(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_UNVERIFIED_HALF_KERNELS", "1")
+
+
+@needs_gpu
+@needs_torch
+def test_half_tensors_are_refused_until_their_kernels_have_run_on_a_gpu(rng, monkeypatch):
+    monkeypatch.delenv("BATCHNORM_UNVERIFIED_HALF_KERNELS", raising=False)
+    m = batchnorm.BatchNorm2d(3, device="cuda")
+    x, _ = half_on_gpu(rng.standard_normal((4, 3, 2, 2)), np.float16)
+    with pytest.raises(RuntimeError, match="not yet run on a GPU.*BATCHNORM_UNVERIFIED_HALF_KERNELS=1"):
+        m(x)
+    assert m.num_batches_tracked == 0
 
 
 def torch_half(dtype):
@@ -531,7 +550,7 @@ HALF_SHAPES = [(4, 3, 8, 8), (3, 4, 14, 14), (5, 2, 7, 7), (64, 2, 32, 32), (6, 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", HALF_SHAPES, ids=str)
 @pytest.mark.parametrize("config", [dict(), dict(momentum=None), dict(affine=False)], ids=str)
-def test_half_tensors_match_the_reference_within_one_rounding(rng, dtype, shape, config):
+def test_half_tensors_match_the_reference_within_one_rounding(rng, half_kernels, dtype, shape, config):
     cls = batchnorm.BatchNorm1d if len(shape) == 2 else batchnorm.BatchNorm2d
     c = shape[1]
     m, ref = cls(c, **config), ReferenceBatchNorm2d(c, **config)
@@ -560,7 +579,7 @@ def test_half_tensors_match_the_reference_within_one_rounding(rng, dtype, shape,
 @needs_gpu
 @needs_torch
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
-def test_half_tensors_on_the_gpu_match_torch(rng, dtype):
+def test_half_tensors_on_the_gpu_match_torch(rng, half_kernels, dtype):
     shape = (16, 4, 10, 10)
     theirs = torch.nn.BatchNorm2d(4).cuda()
     ours = batchnorm.BatchNorm2d(4, device="cuda")
@@ -584,7 +603,7 @@ def test_half_tensors_on_the_gpu_match_torch(rng, dtype):
 
 @needs_gpu
 @needs_torch
-def test_half_outputs_and_gradients_keep_the_inputs_dtype_and_bad_ones_change_nothing(rng):
+def test_half_outputs_and_gradients_keep_the_inputs_dtype_and_bad_ones_change_nothing(rng, half_kernels):
     m = batchnorm.BatchNorm2d(3, device="cuda")
     x, _ = half_on_gpu(rng.standard_normal((4, 3, 4, 4)), np.float16)
     before = m.state_dict()
@@ -614,7 +633,7 @@ def test_half_outputs_and_gradients_keep_the_inputs_dtype_and_bad_ones_change_no
 
 
 @needs_gpu
-def test_cupy_float16_arrays_in_and_out(rng):
+def test_cupy_float16_arrays_in_and_out(rng, half_kernels):
     cp = pytest.importorskip("cupy")
     x = rng.standard_normal((8, 3, 6, 6)).astype(np.float16)
     m, ref = batchnorm.BatchNorm2d(3, device="cuda"), ReferenceBatchNorm2d(3)

@@ -34,7 +34,7 @@ pub(crate) unsafe fn backward<T: Element>(
     gradients: Gradients,
     workspace: &Workspace,
 ) -> Result<()> {
-    let geometry = Geometry::new(Storage::of(&x)?, x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
+    let geometry = Geometry::new(Storage::of(&x, device)?, x.shape(), &[x.ptr(), dy.ptr(), dx.ptr()])?;
     let splits = geometry.splits(device, workspace);
     // Every fallible step before the first launch, so a failure queues nothing.
     let tiles = geometry.tiles()?;

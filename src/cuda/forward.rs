@@ -33,7 +33,7 @@ pub(crate) unsafe fn train<T: Element>(
     parameters: Parameters,
     workspace: &Workspace,
 ) -> Result<()> {
-    let geometry = Geometry::new(Storage::of(&x)?, x.shape(), &[x.ptr(), y.ptr()])?;
+    let geometry = Geometry::new(Storage::of(&x, device)?, x.shape(), &[x.ptr(), y.ptr()])?;
     let splits = geometry.splits(device, workspace);
     // Every fallible step before the first launch, so a failure queues nothing.
     let tiles = geometry.tiles()?;
@@ -55,7 +55,7 @@ pub(crate) unsafe fn eval<T: Element>(
     parameters: Parameters,
     workspace: &Workspace,
 ) -> Result<()> {
-    let geometry = Geometry::new(Storage::of(&x)?, x.shape(), &[x.ptr(), y.ptr()])?;
+    let geometry = Geometry::new(Storage::of(&x, device)?, x.shape(), &[x.ptr(), y.ptr()])?;
     let tiles = geometry.tiles()?;
     let args = arguments(&geometry, workspace, x, y, parameters);
     let coefficient_blocks = geometry.channels.div_ceil(256) as u32;

@@ -123,9 +123,23 @@ pub(crate) struct Storage {
     bytes: u64,
 }
 
+/// Set to 1, lets half tensors run on a GPU before their kernels have been verified on one.
+pub const UNVERIFIED_HALF_KERNELS: &str = "BATCHNORM_UNVERIFIED_HALF_KERNELS";
+
 impl Storage {
-    pub(crate) fn of<T: Element>(tensor: &DeviceTensor<T>) -> Result<Storage> {
+    /// The storage of `tensor` for a launch on `device`. The half kernels have passed the CPU
+    /// emulator's tests but have not yet run on a GPU, so a GPU refuses them (the backend ships
+    /// no path a GPU has not run) unless `UNVERIFIED_HALF_KERNELS` is 1, as the GPU tests set it.
+    pub(crate) fn of<T: Element>(tensor: &DeviceTensor<T>, device: &Device) -> Result<Storage> {
+        let verified = matches!(device.backend, Backend::Emulator(_))
+            || std::env::var(UNVERIFIED_HALF_KERNELS).is_ok_and(|value| value == "1");
         match tensor.half_type() {
+            Some(half) if !verified => Err(Error::Unsupported(format!(
+                "{} tensors on a GPU: their CUDA kernels have passed the CPU emulator's tests but have not yet run on \
+                 a GPU; set {UNVERIFIED_HALF_KERNELS}=1 to use them anyway, or keep the module on the CPU, which \
+                 runs half inputs",
+                half.name()
+            ))),
             None => Ok(Storage { suffix: dtype_suffix::<T>(), bytes: std::mem::size_of::<T>() as u64 }),
             // Half kernels compute in float32, for float32 modules only.
             Some(half) if T::DTYPE != "float32" => Err(Error::DType {

@@ -26,4 +26,5 @@ mod memory;
 
 pub use arrays::DeviceArrays;
 pub use device::{compile, device, device_count, Device};
+pub use launch::UNVERIFIED_HALF_KERNELS;
 pub use memory::{copy_to_host, device_of_pointer, DeviceBuffer, DeviceTensor, Event, Stream};

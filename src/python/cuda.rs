@@ -92,7 +92,9 @@ impl Values {
             Values::Half(Half::F16) => PyArrayDescr::new(py, "float16"),
             Values::Half(Half::BF16) => {
                 let bfloat16 = py.import("ml_dtypes").and_then(|m| m.getattr("bfloat16")).map_err(|_| {
-                    PyTypeError::new_err("a bfloat16 array on the host needs the ml_dtypes package: pip install ml_dtypes")
+                    PyTypeError::new_err(
+                        "a bfloat16 array on the host needs the ml_dtypes package: pip install ml_dtypes",
+                    )
                 })?;
                 Ok(PyArrayDescr::new(py, bfloat16)?)
             }
@@ -230,7 +232,11 @@ impl GpuArray {
         match &self.dtype {
             Ok(values) if *values == expected => {}
             Ok(values) => {
-                return Err(Error::DType { what: what.into(), expected: expected.name().into(), got: values.name().into() })
+                return Err(Error::DType {
+                    what: what.into(),
+                    expected: expected.name().into(),
+                    got: values.name().into(),
+                })
             }
             Err(name) => {
                 return Err(Error::DType { what: what.into(), expected: expected.name().into(), got: name.clone() })
@@ -490,7 +496,11 @@ impl<T: bytemuck::Pod + Send + Sync> WrittenBy for DeviceBuffer<T> {
 impl DeviceArray {
     /// A fresh array of `shape` for results written on `stream`.
     pub(crate) fn empty(device: &Arc<Device>, shape: &[usize], dtype: Values, stream: Stream) -> Result<DeviceArray> {
-        fn own<T: bytemuck::Pod + Send + Sync>(device: &Arc<Device>, len: usize, stream: Stream) -> Result<(u64, Storage)> {
+        fn own<T: bytemuck::Pod + Send + Sync>(
+            device: &Arc<Device>,
+            len: usize,
+            stream: Stream,
+        ) -> Result<(u64, Storage)> {
             let buffer = DeviceBuffer::<T>::for_output(device, len, stream)?;
             Ok((buffer.ptr(), Storage::Own(Box::new(buffer))))
         }
@@ -807,7 +817,9 @@ pub(crate) fn host_array<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, 
             let got = half.name().into();
             return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got }.into());
         }
-        Err(got) => return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got }.into()),
+        Err(got) => {
+            return Err(Error::DType { what: "value".into(), expected: "float32 or float64".into(), got }.into())
+        }
     };
     flat.call_method1("reshape", (array.shape.clone(),))
 }

@@ -82,7 +82,12 @@ pub(crate) trait Float: Element + NpElement {
     /// # Safety
     /// As [`crate::cuda::DeviceTensor::half`].
     #[cfg(feature = "cuda")]
-    unsafe fn device_half(ptr: u64, dims: &[usize], ranks: Ranks, half: Half) -> Result<crate::cuda::DeviceTensor<Self>>;
+    unsafe fn device_half(
+        ptr: u64,
+        dims: &[usize],
+        ranks: Ranks,
+        half: Half,
+    ) -> Result<crate::cuda::DeviceTensor<Self>>;
 }
 
 impl Float for f32 {
@@ -96,7 +101,12 @@ impl Float for f32 {
         half_view(array, half, ranks)
     }
     #[cfg(feature = "cuda")]
-    unsafe fn device_half(ptr: u64, dims: &[usize], ranks: Ranks, half: Half) -> Result<crate::cuda::DeviceTensor<f32>> {
+    unsafe fn device_half(
+        ptr: u64,
+        dims: &[usize],
+        ranks: Ranks,
+        half: Half,
+    ) -> Result<crate::cuda::DeviceTensor<f32>> {
         // SAFETY: the caller's guarantee.
         unsafe { crate::cuda::DeviceTensor::half(ptr, dims, ranks, half) }
     }
