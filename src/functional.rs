@@ -1,7 +1,7 @@
 //! `torch.nn.functional.batch_norm` and its backward, on slices: for callers with their own
 //! module or autograd. [`crate::BatchNorm`] is built on these two functions.
 
-use crate::checks::{check_batch_size, check_eps, check_len, check_target};
+use crate::checks::{check_batch_size, check_eps, check_len, check_same_dims, check_target};
 use crate::cpu::backward::{through_batch_stats, through_fixed_stats};
 use crate::cpu::forward::{self, inv_std, ChannelAffine};
 use crate::cpu::kernels::Moments;
@@ -53,6 +53,25 @@ impl SavedStats {
             invstd: running_var.iter().map(|v| inv_std(v.to_f64(), eps)).collect(),
             from_batch: false,
         })
+    }
+
+    /// What the backward of a functional forward differentiates with: the batch's statistics
+    /// when `training`, else the running statistics, which must then be given (as PyTorch's
+    /// `batch_norm_backward` takes them).
+    pub fn for_backward<T: Element>(
+        x: &TensorRef<'_, T>,
+        running_mean: Option<&[T]>,
+        running_var: Option<&[T]>,
+        training: bool,
+        eps: f64,
+    ) -> Result<Self> {
+        match (training, running_mean, running_var) {
+            (true, _, _) => Self::of_batch(x, eps),
+            (false, Some(mean), Some(var)) => Self::from_running(x.shape(), mean, var, eps),
+            (false, _, _) => {
+                Err(Error::InvalidArgument("running_mean and running_var must be given when training is false".into()))
+            }
+        }
     }
 
     /// An empty batch has no statistics; zeros keep its (empty) gradients finite.
@@ -172,15 +191,14 @@ pub fn batch_norm_backward<'d, T: Element>(
 ) -> Result<ParamGrads<T>> {
     let dx = dx.into();
     let shape = saved.shape;
-    for (what, got) in [("input", x.shape()), ("grad_output", dy.shape())] {
-        if got != shape {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: shape.dims().to_vec(),
-                got: got.dims().to_vec(),
-            });
-        }
+    if x.shape() != shape {
+        return Err(Error::ShapeMismatch {
+            what: "input".into(),
+            expected: shape.dims().to_vec(),
+            got: x.shape().dims().to_vec(),
+        });
     }
+    check_same_dims("grad_output", dy.dims(), x.dims())?;
     check_target(shape, &dx)?;
     if let Some(w) = weight {
         check_len("weight", w.len(), shape.c)?;

@@ -63,6 +63,24 @@ def test_parameter_shape_checked(rng):
         batch_norm(rng.standard_normal((2, 3, 4, 4)), np.zeros(3), np.ones(3), weight=np.ones(2))
 
 
+@pytest.mark.parametrize("what", ["running_mean", "running_var", "weight", "bias"])
+def test_parameters_are_one_dimensional_of_c_values_as_in_torch(rng, what):
+    # PyTorch raises RuntimeError for both; ShapeError is a RuntimeError and a ValueError.
+    x, arguments = rng.standard_normal((2, 3, 4, 4)), dict(running_mean=np.zeros(3), running_var=np.ones(3))
+    for bad in [np.ones((3, 1)), np.ones(4)]:
+        with pytest.raises(RuntimeError, match=what):
+            batch_norm(x, **{**arguments, what: bad}, training=True)
+    np.testing.assert_array_equal(arguments["running_mean"], np.zeros(3))
+
+
+def test_backward_checks_grad_output_against_the_input_and_needs_buffers_in_eval(rng):
+    x = rng.standard_normal((2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="grad_output"):
+        batch_norm_backward(rng.standard_normal((2, 3, 16)), x, training=True)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        batch_norm_backward(rng.standard_normal(x.shape), x, training=False)
+
+
 def as_planes(x):
     """The same values as (N, C, H, W), over which the reference computes: statistics over every axis but 1."""
     return x.reshape(x.shape[0], x.shape[1], 1, -1)

@@ -1349,17 +1349,14 @@ fn collect<T: NpElement + Copy>(array: &Bound<'_, PyAny>) -> PyResult<Vec<T>> {
     Ok(array.readonly().as_array().iter().copied().collect())
 }
 
-/// A (C,) parameter for the functional API, copied (it is O(C)) so any layout works.
-fn param_vec<T: Float>(value: Option<&Bound<'_, PyAny>>, what: &str, channels: usize) -> PyResult<Option<Vec<T>>> {
+/// A (C,) parameter for the functional API, copied (it is O(C)) so any layout works: one
+/// dimension, as PyTorch requires; its length the core checks.
+fn param_vec<T: Float>(value: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Vec<T>>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
     let array = typed_array::<T>(value, what)?;
-    if array.shape() != [channels] {
-        return Err(Error::ShapeMismatch {
-            what: what.to_string(),
-            expected: vec![channels],
-            got: array.shape().to_vec(),
-        }
-        .into());
+    if array.ndim() != 1 {
+        let (expected, got) = (vec![array.len()], array.shape().to_vec());
+        return Err(Error::ShapeMismatch { what: what.to_string(), expected, got }.into());
     }
     Ok(Some(array.readonly().as_array().iter().copied().collect()))
 }
@@ -1460,10 +1457,9 @@ fn batch_norm_typed<'py, T: Float>(
     let py = input.py();
     let (x, half) = functional_input::<T>(input, "input")?;
     let view = functional_view::<T>(&x, half)?;
-    let c = view.shape().c;
-    let mut mean = param_vec::<T>(running_mean, "running_mean", c)?;
-    let mut var = param_vec::<T>(running_var, "running_var", c)?;
-    let (w, b) = (param_vec::<T>(weight, "weight", c)?, param_vec::<T>(bias, "bias", c)?);
+    let mut mean = param_vec::<T>(running_mean, "running_mean")?;
+    let mut var = param_vec::<T>(running_var, "running_var")?;
+    let (w, b) = (param_vec::<T>(weight, "weight")?, param_vec::<T>(bias, "bias")?);
     if training {
         require_writeable(running_mean, "running_mean")?;
         require_writeable(running_var, "running_var")?;
@@ -1550,19 +1546,10 @@ fn batch_norm_backward_typed<'py, T: Float>(
         let expected = x.dtype().str()?.to_string();
         return Err(Error::DType { what: "grad_output".into(), expected, got: dtype_name(&dy) }.into());
     }
-    if dy.shape() != x.shape() {
-        return Err(Error::ShapeMismatch {
-            what: "grad_output (the input's shape)".into(),
-            expected: x.shape().to_vec(),
-            got: dy.shape().to_vec(),
-        }
-        .into());
-    }
     let (x_view, dy_view) = (functional_view::<T>(&x, half)?, functional_view::<T>(&dy, half)?);
-    let shape = x_view.shape();
-    let mean = param_vec::<T>(running_mean, "running_mean", shape.c)?;
-    let var = param_vec::<T>(running_var, "running_var", shape.c)?;
-    let w = param_vec::<T>(weight, "weight", shape.c)?;
+    let mean = param_vec::<T>(running_mean, "running_mean")?;
+    let var = param_vec::<T>(running_var, "running_var")?;
+    let w = param_vec::<T>(weight, "weight")?;
     let others = spans_of(&[
         ("the input", Some(x.as_any())),
         ("grad_output", Some(dy.as_any())),
@@ -1574,15 +1561,7 @@ fn batch_norm_backward_typed<'py, T: Float>(
     // SAFETY: `staged` comes from `functional_output` and nothing else refers to it yet.
     let dx_data = unsafe { functional_target::<T>(&staged, half)? };
     let grads = py.detach(|| {
-        let saved = match (training, mean, var) {
-            (true, _, _) => SavedStats::of_batch(&x_view, eps)?,
-            (false, Some(mean), Some(var)) => SavedStats::from_running(shape, &mean, &var, eps)?,
-            (false, _, _) => {
-                return Err(Error::InvalidArgument(
-                    "running_mean and running_var must be given when training is false".into(),
-                ))
-            }
-        };
+        let saved = SavedStats::for_backward(&x_view, mean.as_deref(), var.as_deref(), training, eps)?;
         functional::batch_norm_backward(&dy_view, &x_view, dx_data, &saved, w.as_deref())
     })?;
     finish_half(&dx, &staged)?;
