@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use super::{array_span, output, type_name, typed_array, Dtype, Float, PyBatchNorm, Saved};
+use crate::checks::{check_disjoint, Owner, Span};
 use crate::convert::Half;
 use crate::cuda::{self, Device, DeviceBuffer, DeviceTensor, Event, Stream};
 use crate::error::{shape_str, Error, Result};
@@ -251,11 +252,10 @@ impl GpuArray {
         Ok(())
     }
 
-    /// Whether the two arrays' byte ranges intersect.
-    pub(crate) fn overlaps(&self, other: &GpuArray, item: usize) -> bool {
-        let (a0, b0) = (self.ptr, other.ptr);
-        let (a1, b1) = (a0 + (self.numel() * item) as u64, b0 + (other.numel() * item) as u64);
-        self.numel() > 0 && other.numel() > 0 && a0 < b1 && b0 < a1
+    /// The device bytes of the (C-contiguous) array, for `check_disjoint`.
+    pub(crate) fn span(&self, owner: &'static str, values: Values) -> Span {
+        let start = self.ptr as usize;
+        Span { owner: Owner::Argument(owner), start, end: start.wrapping_add(self.numel() * values.item_size()) }
     }
 }
 
@@ -832,7 +832,7 @@ fn gpu_output<'py>(
     device: &Arc<Device>,
     dtype: Values,
     shape: &[usize],
-    inputs: &[&GpuArray],
+    inputs: &[(&'static str, &GpuArray)],
     stream: Stream,
 ) -> PyResult<(Bound<'py, PyAny>, u64, Option<Stream>)> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
@@ -850,9 +850,8 @@ fn gpu_output<'py>(
     if target.readonly {
         return Err(Error::BadOutput("out must be writeable, got a read-only array".into()).into());
     }
-    if inputs.iter().any(|input| input.overlaps(&target, dtype.item_size())) {
-        return Err(Error::BadOutput("out must not share memory with an input".into()).into());
-    }
+    let others: Vec<Span> = inputs.iter().map(|(owner, input)| input.span(owner, dtype)).collect();
+    check_disjoint(&target.span("out", dtype), &others)?;
     Ok((out.clone(), target.ptr, target.producer))
 }
 
@@ -946,7 +945,7 @@ pub(crate) fn forward<'py, T: Float>(
     let x = import(input, "input", stream)?;
     let values = x.expected_with(this.dtype);
     x.check("input", values, device.ordinal())?;
-    let (y, y_ptr, y_producer) = gpu_output(py, out, &device, values, &x.shape, &[&x], stream)?;
+    let (y, y_ptr, y_producer) = gpu_output(py, out, &device, values, &x.shape, &[("the input", &x)], stream)?;
     let y_array =
         GpuArray { ptr: y_ptr, readonly: false, producer: None, owner: y.clone().unbind(), ..x.clone_ref(py) };
     let mut state = this.state(py);
@@ -988,7 +987,8 @@ pub(crate) fn backward<'py, T: Float>(
     let dy = import(grad_output, "grad_output", stream)?;
     let values = x.expected_with(this.dtype);
     dy.check("grad_output", values, device.ordinal())?;
-    let (dx, dx_ptr, dx_producer) = gpu_output(py, out, &device, values, &x.shape, &[&x, &dy], stream)?;
+    let (dx, dx_ptr, dx_producer) =
+        gpu_output(py, out, &device, values, &x.shape, &[("the input", &x), ("grad_output", &dy)], stream)?;
     let dx_array =
         GpuArray { ptr: dx_ptr, readonly: false, producer: None, owner: dx.clone().unbind(), ..x.clone_ref(py) };
     let mut state = this.state(py);
