@@ -77,7 +77,7 @@ pub fn check_output_len(shape: Shape, len: usize) -> Result<()> {
 /// Where a result of `shape` goes: as many values, and half values only from float32 (their
 /// computation runs in float32 and narrows).
 pub fn check_target<T: Element>(shape: Shape, target: &TensorMut<'_, T>) -> Result<()> {
-    if matches!(target, TensorMut::Half(..)) && T::as_f32(&[]).is_none() {
+    if target.is_half() && T::as_f32(&[]).is_none() {
         return Err(Error::DType {
             what: "output".into(),
             expected: T::DTYPE.into(),

@@ -1,7 +1,7 @@
 //! float16 and bfloat16 values, and their conversions to and from float32: how half tensors reach
 //! the float32 kernels (PyTorch's mixed precision: float32 statistics, output in the input's
 //! dtype). A kernel reading a [`crate::TensorRef::half`] widens each block as it reads it; one
-//! writing [`crate::TensorMut::Half`] narrows each finished block.
+//! writing [`crate::TensorMut::half`] narrows each finished block.
 //!
 //! float16 converts with the CPU's F16C instructions where it has them, eight values an
 //! instruction, a whole block per call (the `half` crate's slices enter a feature-checked function

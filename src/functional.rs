@@ -104,7 +104,7 @@ pub struct ParamGrads<T> {
 }
 
 /// `torch.nn.functional.batch_norm`: normalizes `x` into `y` (C-contiguous, same shape): a
-/// slice of the element type, or [`TensorMut::Half`] output of a float32 computation (with `x`
+/// slice of the element type, or [`TensorMut::half`] output of a float32 computation (with `x`
 /// from [`TensorRef::half`]: a float16 or bfloat16 batch normalized with float32 statistics, as
 /// PyTorch's mixed precision).
 ///

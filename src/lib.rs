@@ -62,6 +62,6 @@ pub use element::Element;
 pub use error::{Error, Result};
 pub use functional::{ParamGrads, SavedStats};
 pub use module::{BatchNorm, Kind};
-pub use shape::{Dims, Ranks, Shape, TensorMut, TensorRef};
+pub use shape::{Dims, Layout, Ranks, Shape, TensorMut, TensorRef};
 pub use state::{LoadReport, StateTensor, StateValues};
 pub use threads::{get_num_threads, set_num_threads};

@@ -399,7 +399,7 @@ impl<T: Element> BatchNorm<T> {
     /// [`Self::backward`] needs. A call that fails changes nothing. On a device, `x` and `y` are
     /// staged through device memory (a convenience; device tensors are the fast path).
     ///
-    /// `y` is a slice of the element type, or [`TensorMut::Half`] output: a float32 module given
+    /// `y` is a slice of the element type, or [`TensorMut::half`] output: a float32 module given
     /// `x` from [`TensorRef::half`] and half output runs PyTorch's mixed precision (float32
     /// statistics, parameters and gradients; the output rounded once to the input's dtype).
     pub fn forward<'y>(&mut self, x: &TensorRef<'_, T>, y: impl Into<TensorMut<'y, T>>) -> Result<()> {
@@ -415,7 +415,7 @@ impl<T: Element> BatchNorm<T> {
             // work, which `synchronize` waits for.
             unsafe { self.forward_on_device(xb.tensor(x.dims())?, yb.tensor(x.dims())?, Stream::DEFAULT)? };
             self.synchronize()?;
-            return y.write_all(&yb.to_host()?);
+            return y.write_all(&yb.to_host()?, x.shape());
         }
         let [weight, bias, running_mean, running_var, _, _] = &mut self.host;
         let (running_mean, running_var) = if plan.updates || !plan.batch_stats {
@@ -473,7 +473,7 @@ impl<T: Element> BatchNorm<T> {
                 )?
             };
             self.synchronize()?;
-            return dx.write_all(&dxb.to_host()?);
+            return dx.write_all(&dxb.to_host()?, x.shape());
         }
         let Some(Saved::Host { stats, dims }) = &self.saved else { return Err(Error::NoForward) };
         check_same_dims("input", x.dims(), *dims)?;

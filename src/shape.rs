@@ -358,6 +358,18 @@ impl<'a, T: Element> TensorRef<'a, T> {
         Ok(values)
     }
 
+    /// The layout PyTorch gives this input's output and grad_input: channels-last when a 4D or
+    /// 5D input is channels-last (NHWC, NDHWC) and not also C-contiguous, else C-contiguous
+    /// (3D inputs included, as PyTorch's `suggest_memory_format`).
+    pub fn output_layout(&self) -> Layout {
+        if self.dims.as_slice().len() < 4 {
+            return Layout::Contiguous;
+        }
+        let shape = self.shape;
+        let strides: Vec<isize> = self.strides.to_vec();
+        Layout::of(&[shape.n, shape.c, shape.h, shape.w], &strides).unwrap_or_default()
+    }
+
     /// Whether [`Self::read`] borrows every plane in place (and so never uses its buffer).
     #[inline(always)]
     pub(crate) fn reads_in_place(&self) -> bool {
@@ -442,18 +454,76 @@ impl<'a> TensorRef<'a, f32> {
     }
 }
 
-/// Where a C-contiguous result goes: values of the element type, or half values (their bits) of a
-/// float32 computation, each block narrowed (to nearest, ties to even) as it is written.
-pub enum TensorMut<'a, T> {
+/// How a dense (N, C, spatial...) result lies in memory: C-contiguous, or channels-last, where
+/// element (n, c, s) of the flattened spatial position s is at (n·S + s)·C + c (NHWC, NDHWC).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    #[default]
+    Contiguous,
+    ChannelsLast,
+}
+
+impl Layout {
+    /// The layout of a dense array of `dims` (N, C, *) with element `strides`, if it has one of
+    /// the two (dims of size 1 ignored; an array that is both is `Contiguous`).
+    pub fn of(dims: &[usize], strides: &[isize]) -> Option<Layout> {
+        let rank = dims.len().min(strides.len());
+        // Whether the axes, fastest first, are laid out densely in that order.
+        let dense = |order: &[usize]| {
+            let mut expected = 1isize;
+            order.iter().all(|&axis| {
+                let ok = dims[axis] <= 1 || strides[axis] == expected;
+                expected = expected.saturating_mul(dims[axis] as isize);
+                ok
+            })
+        };
+        let contiguous: Vec<usize> = (0..rank).rev().collect();
+        if dense(&contiguous) {
+            return Some(Layout::Contiguous);
+        }
+        // C fastest, then the spatial dims from the last, then N.
+        let channels_last: Vec<usize> = [1].into_iter().chain((2..rank).rev()).chain([0]).collect();
+        (rank >= 3 && dense(&channels_last)).then_some(Layout::ChannelsLast)
+    }
+}
+
+/// Where a dense result goes: values of the element type, or half values (their bits) of a
+/// float32 computation, each block narrowed (to nearest, ties to even) as it is written; laid out
+/// C-contiguous (the default) or channels-last ([`TensorMut::with_layout`]).
+pub struct TensorMut<'a, T> {
+    target: Target<'a, T>,
+    layout: Layout,
+}
+
+pub(crate) enum Target<'a, T> {
     Values(&'a mut [T]),
     Half(&'a mut [u16], Half),
 }
 
-impl<T> TensorMut<'_, T> {
+impl<'a, T> TensorMut<'a, T> {
+    pub fn values(values: &'a mut [T]) -> Self {
+        TensorMut { target: Target::Values(values), layout: Layout::Contiguous }
+    }
+    /// Half output: `bits` of `half` values, for a float32 computation.
+    pub fn half(bits: &'a mut [u16], half: Half) -> Self {
+        TensorMut { target: Target::Half(bits, half), layout: Layout::Contiguous }
+    }
+    pub fn with_layout(self, layout: Layout) -> Self {
+        TensorMut { layout, ..self }
+    }
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    pub fn is_half(&self) -> bool {
+        matches!(self.target, Target::Half(..))
+    }
+    pub(crate) fn into_target(self) -> Target<'a, T> {
+        self.target
+    }
     pub fn len(&self) -> usize {
-        match self {
-            TensorMut::Values(values) => values.len(),
-            TensorMut::Half(bits, _) => bits.len(),
+        match &self.target {
+            Target::Values(values) => values.len(),
+            Target::Half(bits, _) => bits.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -463,18 +533,35 @@ impl<T> TensorMut<'_, T> {
 
 #[cfg(feature = "cuda")]
 impl<T: Element> TensorMut<'_, T> {
-    /// Writes `values` (as many as the target holds, checked by `check_target` with them):
-    /// copied, or rounded once to the half type.
-    pub(crate) fn write_all(self, values: &[T]) -> Result<()> {
-        match self {
-            TensorMut::Values(to) => to.copy_from_slice(values),
-            TensorMut::Half(bits, half) => {
+    /// Writes `values` of `shape`, C-contiguous (as many as the target holds, checked by
+    /// `check_target`): copied, or rounded once to the half type, in the target's layout.
+    pub(crate) fn write_all(self, values: &[T], shape: Shape) -> Result<()> {
+        let layout = self.layout;
+        let (plane, c) = (shape.plane(), shape.c);
+        let at = |i: usize| match layout {
+            Layout::Contiguous => i,
+            Layout::ChannelsLast => {
+                let (n, rest) = (i / (c * plane), i % (c * plane));
+                (n * plane + rest % plane) * c + rest / plane
+            }
+        };
+        match self.target {
+            Target::Values(to) => {
+                for (i, &v) in values.iter().enumerate() {
+                    to[at(i)] = v;
+                }
+            }
+            Target::Half(bits, half) => {
                 let values = T::as_f32(values).ok_or_else(|| Error::DType {
                     what: "output".into(),
                     expected: T::DTYPE.into(),
                     got: half.name().into(),
                 })?;
-                convert::narrow_block(half, values, bits);
+                let mut narrowed = vec![0u16; values.len()];
+                convert::narrow_block(half, values, &mut narrowed);
+                for (i, b) in narrowed.into_iter().enumerate() {
+                    bits[at(i)] = b;
+                }
             }
         }
         Ok(())
@@ -483,18 +570,18 @@ impl<T: Element> TensorMut<'_, T> {
 
 impl<'a, T> From<&'a mut [T]> for TensorMut<'a, T> {
     fn from(values: &'a mut [T]) -> Self {
-        TensorMut::Values(values)
+        TensorMut::values(values)
     }
 }
 
 impl<'a, T> From<&'a mut Vec<T>> for TensorMut<'a, T> {
     fn from(values: &'a mut Vec<T>) -> Self {
-        TensorMut::Values(values)
+        TensorMut::values(values)
     }
 }
 
 impl<'a, T, const N: usize> From<&'a mut [T; N]> for TensorMut<'a, T> {
     fn from(values: &'a mut [T; N]) -> Self {
-        TensorMut::Values(values)
+        TensorMut::values(values)
     }
 }

@@ -309,7 +309,7 @@ fn every_kind_normalizes_every_rank_it_takes() {
     assert_eq!(bn1d.num_batches_tracked(), Some(0));
 }
 
-/// Half tensors (read with `TensorRef::half`, written through `TensorMut::Half`) give the bits of
+/// Half tensors (read with `TensorRef::half`, written through `TensorMut::half`) give the bits of
 /// the same values in float32, rounded once: for contiguous, channels-last and padded layouts, in
 /// train, eval and backward, at the plans these shapes choose.
 #[test]
@@ -350,12 +350,12 @@ fn half_tensors_give_the_bits_of_their_float32_values_rounded_once() {
                     narrow_module.set_training(training);
                     let (mut y, mut yb) = (vec![0f32; values.len()], vec![0u16; values.len()]);
                     wide.forward(&xr, &mut y).unwrap();
-                    narrow_module.forward(&hr, TensorMut::Half(&mut yb, half)).unwrap();
+                    narrow_module.forward(&hr, TensorMut::half(&mut yb, half)).unwrap();
                     let expected: Vec<u16> = y.iter().map(|&v| narrow(half, v)).collect();
                     assert_eq!(yb, expected, "{half:?} {shape:?} {strides:?} training {training}");
                     let (mut dx, mut dxb) = (vec![0f32; values.len()], vec![0u16; values.len()]);
                     wide.backward(&xr, &xr, &mut dx).unwrap();
-                    narrow_module.backward(&hr, &hr, TensorMut::Half(&mut dxb, half)).unwrap();
+                    narrow_module.backward(&hr, &hr, TensorMut::half(&mut dxb, half)).unwrap();
                     let expected: Vec<u16> = dx.iter().map(|&v| narrow(half, v)).collect();
                     assert_eq!(dxb, expected, "grad_input {half:?} {shape:?} {strides:?}");
                 }
@@ -368,6 +368,6 @@ fn half_tensors_give_the_bits_of_their_float32_values_rounded_once() {
     let mut f64_module = BatchNorm::<f64>::new(Kind::BatchNorm2d, Config::new(1)).unwrap();
     let x = [1.0, 2.0];
     let err = f64_module
-        .forward(&TensorRef::contiguous(&x, Shape::new(2, 1, 1, 1)).unwrap(), TensorMut::Half(&mut [0; 2], Half::F16));
+        .forward(&TensorRef::contiguous(&x, Shape::new(2, 1, 1, 1)).unwrap(), TensorMut::half(&mut [0; 2], Half::F16));
     assert!(matches!(err, Err(Error::DType { .. })), "{err:?}");
 }

@@ -450,8 +450,8 @@ fn run_cpu_half(host: &BatchNorm<f32>, half: Half, x: &[u16], dy: &[u16], shape:
     let dyr = TensorRef::half(dy, half, 0, &dims, &strides, Ranks::Planes).unwrap();
     let step = |layer: &mut BatchNorm<f32>| {
         let (mut y, mut dx) = (vec![0u16; x.len()], vec![0u16; x.len()]);
-        layer.forward(&xr, TensorMut::Half(&mut y, half)).unwrap();
-        layer.backward(&xr, &dyr, TensorMut::Half(&mut dx, half)).unwrap();
+        layer.forward(&xr, TensorMut::half(&mut y, half)).unwrap();
+        layer.backward(&xr, &dyr, TensorMut::half(&mut dx, half)).unwrap();
         (y, dx)
     };
     step(&mut layer);

@@ -84,3 +84,30 @@ def assert_within_one_rounding(got, exact, dtype):
     error = np.abs(got - rounded)
     allowed = np.maximum(ulp(rounded, dtype), ulp(got, dtype))
     assert np.all(error <= allowed), f"largest error {np.max(error / allowed):.2f} ulp"
+
+
+def channels_last_strides(shape, itemsize):
+    """The byte strides of a dense channels-last (N, spatial..., C in memory) array of `shape`."""
+    strides, step = [0] * len(shape), itemsize
+    for axis in [1, *range(len(shape) - 1, 1, -1), 0]:
+        strides[axis] = step
+        step *= shape[axis]
+    return tuple(strides)
+
+
+def is_channels_last(x):
+    """As PyTorch's suggest_memory_format: a 4D or 5D array laid out channels-last and not also
+    C-contiguous (dims of size 1 do not count)."""
+    if x.ndim < 4 or x.flags.c_contiguous:
+        return False
+    expected = channels_last_strides(x.shape, x.itemsize)
+    return all(d <= 1 or s == e for d, s, e in zip(x.shape, x.strides, expected, strict=True))
+
+
+def assert_layout_of_output(y, x):
+    """PyTorch's rule: the output (and grad_input) of a channels-last 4D/5D input is channels-last;
+    of anything else, C-contiguous."""
+    if is_channels_last(x):
+        assert y.strides == channels_last_strides(y.shape, y.itemsize), (y.strides, x.strides)
+    else:
+        assert y.flags.c_contiguous, y.strides

@@ -5,7 +5,7 @@ import pytest
 
 import batchnorm
 
-from helpers import layouts, pair, tol
+from helpers import assert_layout_of_output, layouts, pair, tol
 
 SHAPES = [
     (4, 3, 1, 1),  # H·W = 1
@@ -28,7 +28,8 @@ def batch(rng, shape, dtype, offset=5.0, scale=10.0):
 def check_step(m, ref, x, dtype):
     y = m(x)
     expected = ref.forward(x)
-    assert y.dtype == np.dtype(dtype) and y.shape == x.shape and y.flags.c_contiguous
+    assert y.dtype == np.dtype(dtype) and y.shape == x.shape
+    assert_layout_of_output(y, x)
     np.testing.assert_allclose(y, expected, **tol(dtype))
     for name in ("running_mean", "running_var"):
         got, want = getattr(m, name), getattr(ref, name)
@@ -107,8 +108,14 @@ def test_layouts(rng, layout, dtype):
     m, ref = pair(4, dtype)
     xs, dys = layouts(x)[layout], layouts(dy)[layout]
     np.testing.assert_array_equal(xs, x)
-    check_step(m, ref, xs, dtype)
-    np.testing.assert_allclose(m.backward(dys), ref.backward(dy), **tol(dtype))
+    y = check_step(m, ref, xs, dtype)
+    dx = m.backward(dys)
+    np.testing.assert_allclose(dx, ref.backward(dy), **tol(dtype))
+    assert_layout_of_output(dx, xs)
+    # The same bits as the C-contiguous input gives (the README's promise).
+    m2 = pair(4, dtype)[0]
+    np.testing.assert_array_equal(y, m2(np.ascontiguousarray(xs)))
+    np.testing.assert_array_equal(dx, m2.backward(np.ascontiguousarray(dys)))
 
 
 def test_broadcast_input_with_zero_strides(rng):

@@ -41,7 +41,7 @@ use rayon::ThreadPool;
 use crate::convert::{self, Half};
 use crate::element::Element;
 use crate::error::Result;
-use crate::shape::{Shape, TensorMut, TensorRef};
+use crate::shape::{Layout, Shape, Target, TensorMut, TensorRef};
 use crate::threads;
 use simd::{PartTask, SimdLevel};
 
@@ -430,6 +430,8 @@ pub(crate) struct SharedOut<'a, T> {
     stream: bool,
     /// Half output (its bits) that f32 blocks are narrowed into, in place of `ptr`.
     half: Option<(*mut u16, Half)>,
+    /// Channels-last output: a block of a plane is scattered, one value every C.
+    channels_last: bool,
     _borrow: PhantomData<&'a mut [T]>,
 }
 
@@ -440,20 +442,21 @@ unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
 impl<'a, T: Element> SharedOut<'a, T> {
     pub fn new(out: TensorMut<'a, T>, shape: Shape) -> Self {
         assert_eq!(out.len(), shape.numel(), "output length checked by the caller");
-        let out = match out {
-            TensorMut::Values(values) => values,
-            // Half output goes through an f32 block in cache: streaming stores have nothing to skip.
-            TensorMut::Half(bits, half) => {
-                let (len, half) = (bits.len(), Some((bits.as_mut_ptr(), half)));
-                return SharedOut { ptr: std::ptr::null_mut(), len, shape, stream: false, half, _borrow: PhantomData };
-            }
+        let channels_last = out.layout() == Layout::ChannelsLast;
+        let (ptr, len, half) = match out.into_target() {
+            Target::Values(values) => (values.as_mut_ptr(), values.len(), None),
+            Target::Half(bits, half) => (std::ptr::null_mut(), bits.len(), Some((bits.as_mut_ptr(), half))),
         };
-        let stream = size_of_val(out) >= Tuning::get().stream_at_bytes
+        // Half output goes through an f32 block in cache, channels-last output is scattered:
+        // streaming stores have nothing to skip.
+        let stream = half.is_none()
+            && !channels_last
+            && len * size_of::<T>() >= Tuning::get().stream_at_bytes
             && shape.plane() * size_of::<T>() >= IMAGE_MAJOR_BELOW_BYTES;
         if stream {
             LAST_PLAN.with(|last| last.set(last.get().map(|report| PlanReport { streaming: true, ..report })));
         }
-        SharedOut { ptr: out.as_mut_ptr(), len: out.len(), shape, stream, half: None, _borrow: PhantomData }
+        SharedOut { ptr, len, shape, stream, half, channels_last, _borrow: PhantomData }
     }
 
     /// Whether blocks are written with non-temporal stores; a part that wrote any must end with
@@ -462,34 +465,59 @@ impl<'a, T: Element> SharedOut<'a, T> {
         self.stream
     }
 
-    /// A task's scratch for [`Self::write_block`]: one block of values for half output (made
-    /// once per task, not per block), nothing otherwise.
+    /// A task's scratch for [`Self::write_block`]: one block of values for half or channels-last
+    /// output (made once per task, not per block), nothing otherwise.
     pub fn staging(&self) -> Vec<T> {
-        if self.half.is_some() {
+        if self.half.is_some() || self.channels_last {
             vec![T::ZERO; BLOCK]
         } else {
             Vec::new()
         }
     }
 
-    /// Writes the output block of `len` values at `at` with `write`: in place, or, for half
-    /// output, into `staged` (from [`Self::staging`]), which is then narrowed into it.
+    /// Writes the output block of `len` values at `at` with `write`: in place, or, for half or
+    /// channels-last output, into `staged` (from [`Self::staging`]), which is then narrowed into
+    /// it and scattered (one value every C) where it goes.
     ///
     /// # Safety
     /// No two blocks written at once may overlap: each (channel, position) must be written by one
     /// task. Parts of a [`Plan`] are disjoint, and blocks within a part are visited one at a time.
     #[inline(always)]
     pub unsafe fn write_block(&self, at: At, len: usize, staged: &mut [T], write: impl FnOnce(&mut [T])) {
-        let start = self.shape.contiguous_index(at.n, at.c, at.w);
-        assert!(start + len <= self.len, "block inside the output");
-        let Some((bits, half)) = self.half else {
-            return write(std::slice::from_raw_parts_mut(self.ptr.add(start), len));
-        };
+        if !self.channels_last {
+            let start = self.shape.contiguous_index(at.n, at.c, at.w);
+            assert!(start + len <= self.len, "block inside the output");
+            let Some((bits, half)) = self.half else {
+                return write(std::slice::from_raw_parts_mut(self.ptr.add(start), len));
+            };
+            let staged = &mut staged[..len];
+            write(staged);
+            // Half output is only made for f32 results (see `TensorMut::half`).
+            if let Some(values) = T::as_f32(staged) {
+                convert::narrow_block(half, values, std::slice::from_raw_parts_mut(bits.add(start), len));
+            }
+            return;
+        }
+        let (c, plane) = (self.shape.c, self.shape.plane());
+        let first = (at.n * plane + at.w) * c + at.c;
+        assert!(len == 0 || first + (len - 1) * c < self.len, "block inside the output");
         let staged = &mut staged[..len];
         write(staged);
-        // Half output is only made for f32 results (see `TensorMut::Half`).
-        if let Some(values) = T::as_f32(staged) {
-            convert::narrow_block(half, values, std::slice::from_raw_parts_mut(bits.add(start), len));
+        match self.half {
+            None => {
+                for (i, &value) in staged.iter().enumerate() {
+                    *self.ptr.add(first + i * c) = value;
+                }
+            }
+            Some((bits, half)) => {
+                let mut narrowed = [0u16; BLOCK];
+                if let Some(values) = T::as_f32(staged) {
+                    convert::narrow_block(half, values, &mut narrowed[..len]);
+                }
+                for (i, &value) in narrowed[..len].iter().enumerate() {
+                    *bits.add(first + i * c) = value;
+                }
+            }
         }
     }
 }

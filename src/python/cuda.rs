@@ -11,7 +11,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::{array_span, output, type_name, typed_array, Dtype, Float, PyBatchNorm, Saved};
+use super::{array_span, out_layout, output, type_name, typed_array, Dtype, Float, PyBatchNorm, Saved};
 use crate::checks::{check_disjoint, Owner, Span};
 use crate::convert::Half;
 use crate::cuda::{self, Device, DeviceBuffer, DeviceTensor, Event, Stream};
@@ -867,7 +867,8 @@ fn through_device<'py, T: Float>(
     run: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let host = typed_array::<T>(value, what)?;
-    let target = output::<T>(py, out, host.shape(), &[array_span("the input", host.as_untyped())])?;
+    let layout = out_layout(host.as_untyped()).ok().filter(|_| host.ndim() >= 4).unwrap_or_default();
+    let (target, _) = output::<T>(py, out, host.shape(), layout, &[array_span("the input", host.as_untyped())])?;
     let staged = upload(py, device, &host, dtype)?;
     let result = run(staged.as_any())?.call_method0("numpy")?;
     py.import("numpy")?.call_method1("copyto", (&target, result))?;

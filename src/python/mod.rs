@@ -15,13 +15,14 @@ use std::path::PathBuf;
 
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
+use crate::error::shape_str;
 use crate::checks::{check_disjoint, extent, Owner, Span};
 use crate::convert::Half;
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
     BatchNorm, Buffer, Config, ConfigOverrides, Element, Error, Kind, Ranks, Result, Shape, StateTensor, StateValues,
-    TensorMut, TensorRef,
+    Layout, TensorMut, TensorRef,
 };
 
 /// `batchnorm.ShapeError`: a size that does not match (channels, a parameter's or buffer's length,
@@ -359,42 +360,75 @@ fn view_of<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, ranks: Ranks) -> R
     TensorRef::new(data, (-low) as usize, array.shape(), &strides, ranks)
 }
 
-/// Where a result goes: a fresh C-contiguous array, or the caller's `out=` after checking it.
-/// `others` is the memory of every other array of the call, which `out` must not overlap.
+/// A fresh array of `dims` and `dtype` laid out as `layout` says (a channels-last array is an
+/// (N, spatial..., C) one with its axes moved back), through numpy.empty, so an impossible size
+/// raises NumPy's MemoryError.
+fn fresh<'py>(py: Python<'py>, dims: &[usize], dtype: &Bound<'py, PyAny>, layout: Layout) -> PyResult<Bound<'py, PyAny>> {
+    let numpy = py.import("numpy")?;
+    if layout == Layout::Contiguous || dims.len() < 3 {
+        return numpy.call_method1("empty", (dims.to_vec(), dtype));
+    }
+    let last = dims.len() - 1;
+    let in_memory: Vec<usize> = [dims[0]].into_iter().chain(dims[2..].iter().copied()).chain([dims[1]]).collect();
+    let back: Vec<usize> = [0, last].into_iter().chain(1..last).collect();
+    numpy.call_method1("empty", (in_memory, dtype))?.call_method1("transpose", (back,))
+}
+
+/// The layout of a caller's `out=` array, which must be one the kernels write: C-contiguous, or
+/// channels-last for a 4D or 5D result.
+fn out_layout(array: &Bound<'_, PyUntypedArray>) -> Result<Layout> {
+    let item = array.dtype().itemsize() as isize;
+    let strides: Vec<isize> = array.strides().iter().map(|&s| if s % item == 0 { s / item } else { isize::MIN }).collect();
+    match Layout::of(array.shape(), &strides) {
+        Some(Layout::ChannelsLast) if array.ndim() >= 4 => Ok(Layout::ChannelsLast),
+        Some(Layout::Contiguous) => Ok(Layout::Contiguous),
+        _ => Err(Error::BadOutput(format!(
+            "out must be C-contiguous{}, got an array of shape {} with strides {:?}",
+            if array.ndim() >= 4 { " or channels-last" } else { "" },
+            shape_str(array.shape()),
+            array.strides()
+        ))),
+    }
+}
+
+/// Where a result goes: a fresh array laid out as `layout` says, or the caller's `out=` after
+/// checking it (in its own layout). `others` is the memory of every other array of the call,
+/// which `out` must not overlap.
 fn output<'py, T: Float>(
     py: Python<'py>,
     out: Option<&Bound<'py, PyAny>>,
     dims: &[usize],
+    layout: Layout,
     others: &[Span],
-) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+) -> PyResult<(Bound<'py, PyArrayDyn<T>>, Layout)> {
     let Some(out) = out.filter(|o| !o.is_none()) else {
-        // Through numpy.empty, so an impossible size raises NumPy's MemoryError.
-        let fresh = py.import("numpy")?.call_method1("empty", (dims.to_vec(), dtype::<T>(py)))?;
-        return Ok(fresh.cast_into::<PyArrayDyn<T>>()?);
+        let dtype = dtype::<T>(py).into_any();
+        return Ok((fresh(py, dims, &dtype, layout)?.cast_into::<PyArrayDyn<T>>()?, layout));
     };
     let array = typed_array::<T>(out, "out")?;
     if array.shape() != dims {
         let got = array.shape().to_vec();
         return Err(Error::ShapeMismatch { what: "out".into(), expected: dims.to_vec(), got }.into());
     }
-    if !array.is_c_contiguous() {
-        return Err(Error::BadOutput("out must be C-contiguous, got a non-contiguous array".into()).into());
-    }
+    let layout = out_layout(array.as_untyped())?;
     if !is_writeable(array.as_untyped()) {
         return Err(Error::BadOutput("out must be writeable, got a read-only array".into()).into());
     }
     check_disjoint(&array_span("out", array.as_untyped()), others)?;
-    Ok(array)
+    Ok((array, layout))
 }
 
-/// The output's elements as a slice the kernels write.
+/// The output's memory as a slice the kernels write, in its layout.
 ///
 /// # Safety
-/// `array` must come from [`output`] (C-contiguous, writeable, sharing no memory with any
-/// input), and no other slice of it may be live during the call.
+/// `array` must come from [`output`] (dense with non-negative strides, writeable, sharing no
+/// memory with any input), and no other slice of it may be live during the call.
 #[allow(clippy::mut_from_ref)] // the array is the owner; the caller upholds exclusivity
-unsafe fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Result<&'a mut [T]> {
-    array.as_slice_mut().map_err(|e| Error::BadOutput(e.to_string()))
+unsafe fn out_slice<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, layout: Layout) -> TensorMut<'a, T> {
+    // SAFETY: a dense array of `len` elements whose strides are non-negative starts at its
+    // lowest address.
+    let values = unsafe { std::slice::from_raw_parts_mut(array.data(), array.len()) };
+    TensorMut::values(values).with_layout(layout)
 }
 
 /// A float16 or bfloat16 array (bfloat16 as `ml_dtypes` defines it for NumPy), with its dtype:
@@ -452,20 +486,24 @@ fn half_view<'a>(array: &'a Bound<'_, PyUntypedArray>, half: Half, ranks: Ranks)
     TensorRef::half(bits, half, (-low) as usize, array.shape(), &strides, ranks)
 }
 
-/// The C-contiguous, aligned half array a call writes: `target` itself when it is one, else a
-/// fresh one that `finish_half` copies into `target` after the call.
-fn half_staging<'py>(target: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyUntypedArray>> {
+/// The aligned half array a call writes, and its layout: `target` itself when it is C-contiguous
+/// or channels-last, else a fresh C-contiguous one that `finish_half` copies into `target`.
+fn half_staging<'py>(target: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyUntypedArray>, Layout)> {
     let array = target.cast::<PyUntypedArray>()?;
-    if array.is_c_contiguous() && flags(array) & NPY_ARRAY_ALIGNED != 0 {
-        return Ok(array.clone());
+    if flags(array) & NPY_ARRAY_ALIGNED != 0 {
+        if let Ok(layout) = out_layout(array) {
+            return Ok((array.clone(), layout));
+        }
     }
-    Ok(target.py().import("numpy")?.call_method1("empty_like", (target,))?.cast_into()?)
+    let fresh = target.py().import("numpy")?.call_method1("empty", (array.shape().to_vec(), array.dtype()))?;
+    Ok((fresh.cast_into()?, Layout::Contiguous))
 }
 
 /// The bits of a C-contiguous, aligned half array, to write.
 ///
 /// # Safety
-/// `array` must come from `half_staging`, and no other slice of it may be live during the call.
+/// `array` must come from `half_staging` (dense with non-negative strides, so its memory starts at
+/// its data pointer), and no other slice of it may be live during the call.
 #[allow(clippy::mut_from_ref)] // the array is the owner; the caller upholds exclusivity
 unsafe fn half_slice<'a>(array: &'a Bound<'_, PyUntypedArray>) -> &'a mut [u16] {
     std::slice::from_raw_parts_mut((*array.as_array_ptr()).data as *mut u16, array.len())
@@ -486,11 +524,12 @@ fn half_output<'py>(
     input: &Bound<'py, PyAny>,
     half: &Bound<'py, PyArrayDescr>,
     out: Option<&Bound<'py, PyAny>>,
+    layout: Layout,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = input.py();
     let input = input.cast::<PyUntypedArray>()?;
     let Some(out) = out.filter(|o| !o.is_none()) else {
-        return py.import("numpy")?.call_method1("empty", (input.shape().to_vec(), half));
+        return fresh(py, input.shape(), half.as_any(), layout);
     };
     let array =
         out.cast::<PyUntypedArray>().map_err(|_| Error::NotAnArray { what: "out".into(), got: type_name(out) })?;
@@ -596,9 +635,9 @@ impl PyBatchNorm {
         let x = viewable(detached(readable(typed_array::<T>(input, "input")?)?, &buffers)?, "input", ranks)?;
         let view = view_of(&x, ranks)?;
         let others: Vec<Span> = buffers.into_iter().chain([array_span("the input", x.as_untyped())]).collect();
-        let y = output::<T>(py, out, x.shape(), &others)?;
+        let (y, layout) = output::<T>(py, out, x.shape(), view.output_layout(), &others)?;
         // SAFETY: `y` comes from `output` and nothing else refers to it yet.
-        let y_data = unsafe { out_slice(&y)? };
+        let y_data = unsafe { out_slice(&y, layout) };
         py.detach(|| {
             let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
             state.module.typed::<T>()?.forward(&view, y_data)
@@ -622,14 +661,14 @@ impl PyBatchNorm {
         let ranks = this.kind.ranks();
         let x = half_readable(input, ranks)?;
         let view = half_view(&x, half, ranks)?;
-        let target = half_output(input, descr, out)?;
-        let staged = half_staging(&target)?;
-        // SAFETY: `staged` is C-contiguous, aligned, and shares no memory with the input
+        let target = half_output(input, descr, out, view.output_layout())?;
+        let (staged, layout) = half_staging(&target)?;
+        // SAFETY: `staged` is dense, aligned, and shares no memory with the input
         // (`half_output`); nothing else refers to it during the call.
-        let y = unsafe { half_slice(&staged) };
+        let y = TensorMut::half(unsafe { half_slice(&staged) }, half).with_layout(layout);
         py.detach(|| {
             let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.module.typed::<f32>()?.forward(&view, TensorMut::Half(y, half))
+            state.module.typed::<f32>()?.forward(&view, y)
         })
         .map_err(|e| e.with_input_dims(x.shape()))?;
         finish_half(&target, &staged)?;
@@ -659,13 +698,13 @@ impl PyBatchNorm {
         }
         let dy = half_readable(grad_output, ranks)?;
         let (x_view, dy_view) = (half_view(&x, half, ranks)?, half_view(&dy, half, ranks)?);
-        let target = half_output(grad_output, &descr, out)?;
-        let staged = half_staging(&target)?;
+        let target = half_output(grad_output, &descr, out, x_view.output_layout())?;
+        let (staged, layout) = half_staging(&target)?;
         // SAFETY: as in `forward_half`.
-        let dx = unsafe { half_slice(&staged) };
+        let dx = TensorMut::half(unsafe { half_slice(&staged) }, half).with_layout(layout);
         py.detach(|| {
             let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.module.typed::<f32>()?.backward(&x_view, &dy_view, TensorMut::Half(dx, half))
+            state.module.typed::<f32>()?.backward(&x_view, &dy_view, dx)
         })?;
         finish_half(&target, &staged)?;
         Ok(target)
@@ -692,9 +731,9 @@ impl PyBatchNorm {
         let (x_view, dy_view) = (view_of(&x, ranks)?, view_of(&dy, ranks)?);
         let inputs = [array_span("the forward's input", x.as_untyped()), array_span("grad_output", dy.as_untyped())];
         let others: Vec<Span> = buffers.into_iter().chain(inputs).collect();
-        let dx = output::<T>(py, out, x.shape(), &others)?;
+        let (dx, layout) = output::<T>(py, out, x.shape(), x_view.output_layout(), &others)?;
         // SAFETY: `dx` comes from `output` and nothing else refers to it yet.
-        let dx_data = unsafe { out_slice(&dx)? };
+        let dx_data = unsafe { out_slice(&dx, layout) };
         py.detach(|| {
             let mut state = this.state.lock().unwrap_or_else(|p| p.into_inner());
             state.module.typed::<T>()?.backward(&x_view, &dy_view, dx_data)
@@ -1413,17 +1452,19 @@ fn functional_view<'a, T: Float>(array: &'a Bound<'_, PyUntypedArray>, half: Opt
 fn functional_output<'py, T: Float>(
     input: &Bound<'py, PyUntypedArray>,
     half: Option<Half>,
+    layout: Layout,
     out: Option<&Bound<'py, PyAny>>,
     others: &[Span],
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyUntypedArray>)> {
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyUntypedArray>, Layout)> {
     if half.is_none() {
-        let y = output::<T>(input.py(), out, input.shape(), others)?.as_untyped().clone();
-        return Ok((y.clone().into_any(), y));
+        let (y, layout) = output::<T>(input.py(), out, input.shape(), layout, others)?;
+        let y = y.as_untyped().clone();
+        return Ok((y.clone().into_any(), y, layout));
     }
-    let target = half_output(input.as_any(), &input.dtype(), out)?;
+    let target = half_output(input.as_any(), &input.dtype(), out, layout)?;
     check_disjoint(&array_span("out", target.cast()?), others)?;
-    let staged = half_staging(&target)?;
-    Ok((target, staged))
+    let (staged, layout) = half_staging(&target)?;
+    Ok((target, staged, layout))
 }
 
 /// The kernels' target over an array from `functional_output`.
@@ -1433,12 +1474,11 @@ fn functional_output<'py, T: Float>(
 unsafe fn functional_target<'a, T: Float>(
     staged: &'a Bound<'_, PyUntypedArray>,
     half: Option<Half>,
+    layout: Layout,
 ) -> Result<TensorMut<'a, T>> {
     Ok(match half {
-        Some(half) => TensorMut::Half(half_slice(staged), half),
-        None => {
-            TensorMut::Values(out_slice(staged.cast::<PyArrayDyn<T>>().map_err(|e| Error::BadOutput(e.to_string()))?)?)
-        }
+        Some(half) => TensorMut::half(half_slice(staged), half).with_layout(layout),
+        None => out_slice(staged.cast::<PyArrayDyn<T>>().map_err(|e| Error::BadOutput(e.to_string()))?, layout),
     })
 }
 
@@ -1471,9 +1511,9 @@ fn batch_norm_typed<'py, T: Float>(
         ("weight", weight),
         ("bias", bias),
     ]);
-    let (y, staged) = functional_output::<T>(&x, half, out, &others)?;
+    let (y, staged, layout) = functional_output::<T>(&x, half, view.output_layout(), out, &others)?;
     // SAFETY: `staged` comes from `functional_output` and nothing else refers to it yet.
-    let target = unsafe { functional_target::<T>(&staged, half)? };
+    let target = unsafe { functional_target::<T>(&staged, half, layout)? };
     py.detach(|| {
         functional::batch_norm(
             &view,
@@ -1557,9 +1597,9 @@ fn batch_norm_backward_typed<'py, T: Float>(
         ("running_var", running_var),
         ("weight", weight),
     ]);
-    let (dx, staged) = functional_output::<T>(&x, half, out, &others)?;
+    let (dx, staged, layout) = functional_output::<T>(&x, half, x_view.output_layout(), out, &others)?;
     // SAFETY: `staged` comes from `functional_output` and nothing else refers to it yet.
-    let dx_data = unsafe { functional_target::<T>(&staged, half)? };
+    let dx_data = unsafe { functional_target::<T>(&staged, half, layout)? };
     let grads = py.detach(|| {
         let saved = SavedStats::for_backward(&x_view, mean.as_deref(), var.as_deref(), training, eps)?;
         functional::batch_norm_backward(&dy_view, &x_view, dx_data, &saved, w.as_deref())
