@@ -15,7 +15,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use batchnorm::functional::batch_norm;
-use batchnorm::{last_plan, set_num_threads, BatchNorm, Config, Element, Kind, Shape, TensorRef, Tuning};
+use batchnorm::{
+    last_plan, set_num_threads, BatchNorm, Config, Element, Kind, Layout, Shape, TensorMut, TensorRef, Tuning,
+};
 
 /// Pseudo-random values near `offset` (xorshift), with a few large ones so that sums round.
 fn values(count: usize, seed: u64, offset: f64) -> Vec<f64> {
@@ -28,7 +30,8 @@ fn values(count: usize, seed: u64, offset: f64) -> Vec<f64> {
 enum Placement {
     /// `skip` elements into their buffers.
     Offset(usize),
-    /// The input as a channels-last (N, H, W, C) buffer viewed as (N, C, H, W).
+    /// The input as a channels-last (N, H, W, C) buffer viewed as (N, C, H, W), and the outputs
+    /// written channels-last too.
     ChannelsLast,
 }
 
@@ -60,6 +63,20 @@ fn channels_last<T: Element>(values: &[f64], shape: Shape) -> (Vec<T>, [isize; 4
         buffer[((ni * h + hi) * w + wi) * c + ci] = T::from_f64(v);
     }
     (buffer, [(h * w * c) as isize, 1, (w * c) as isize, c as isize])
+}
+
+/// The values of an output written in `layout`, in (N, C, H, W) order.
+fn logical<T: Element>(out: &[T], shape: Shape, layout: Layout) -> Vec<T> {
+    if layout == Layout::Contiguous {
+        return out.to_vec();
+    }
+    let Shape { c, h, w, .. } = shape;
+    (0..out.len())
+        .map(|i| {
+            let (ni, ci, hi, wi) = (i / (c * h * w), i / (h * w) % c, i / w % h, i % w);
+            out[((ni * h + hi) * w + wi) * c + ci]
+        })
+        .collect()
 }
 
 fn view<'a, T: Element>(buffer: &'a [T], skip: usize, shape: Shape, layout: Option<[isize; 4]>) -> TensorRef<'a, T> {
@@ -94,27 +111,33 @@ fn run<T: Element>(shape: Shape, placement: Placement, plans: &mut BTreeSet<Stri
     let mut layer = BatchNorm::<T>::new(Kind::BatchNorm2d, config).unwrap();
     let weights: Vec<f64> = (0..shape.c).map(|c| 0.5 + c as f64 / 3.0).collect();
     layer.buffer_mut(batchnorm::Buffer::Weight).unwrap().copy_from_slice(&placed::<T>(&weights, 0));
+    let layout = if layout.is_some() { Layout::ChannelsLast } else { Layout::Contiguous };
     let mut out = placed::<T>(&vec![0.0; shape.numel()], skip);
-    layer.forward(&xr, &mut out[skip..]).unwrap();
+    let target = |out: &mut [T]| -> Vec<T> { logical(out, shape, layout) };
+    fn into<T>(out: &mut [T], skip: usize, layout: Layout) -> TensorMut<'_, T> {
+        TensorMut::values(&mut out[skip..]).with_layout(layout)
+    }
+    layer.forward(&xr, into(&mut out, skip, layout)).unwrap();
     let saved = layer.saved().cloned().unwrap();
     note("train");
-    let y = bits(&out[skip..]);
+    let y = bits(&target(&mut out[skip..]));
     let recomputed = batchnorm::SavedStats::of_batch(&xr, 1e-5).unwrap();
     assert_eq!(bits(saved.mean()), bits(recomputed.mean()), "statistics recomputed for a backward");
     assert_eq!(bits(saved.invstd()), bits(recomputed.invstd()), "statistics recomputed for a backward");
-    layer.backward(&xr, &dyr, &mut out[skip..]).unwrap();
+    layer.backward(&xr, &dyr, into(&mut out, skip, layout)).unwrap();
     note("backward");
-    let dx = bits(&out[skip..]);
+    let dx = bits(&target(&mut out[skip..]));
     layer.set_training(false);
-    layer.forward(&xr, &mut out[skip..]).unwrap();
+    layer.forward(&xr, into(&mut out, skip, layout)).unwrap();
     note("eval");
-    let y_eval = bits(&out[skip..]);
-    layer.backward(&xr, &dyr, &mut out[skip..]).unwrap();
-    let dx_fixed = bits(&out[skip..]);
+    let y_eval = bits(&target(&mut out[skip..]));
+    layer.backward(&xr, &dyr, into(&mut out, skip, layout)).unwrap();
+    let dx_fixed = bits(&target(&mut out[skip..]));
 
     let (mut mean, mut var) = (placed::<T>(&vec![0.5; shape.c], 0), placed::<T>(&vec![2.0; shape.c], 0));
-    batch_norm(&xr, &mut out[skip..], Some(&mut mean), Some(&mut var), None, None, true, 0.1, 1e-3).unwrap();
-    let y_functional = bits(&out[skip..]);
+    batch_norm(&xr, into(&mut out, skip, layout), Some(&mut mean), Some(&mut var), None, None, true, 0.1, 1e-3)
+        .unwrap();
+    let y_functional = bits(&target(&mut out[skip..]));
 
     let grab = |buffer: Option<&[T]>| bits(buffer.unwrap());
     Results {

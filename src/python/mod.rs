@@ -15,14 +15,14 @@ use std::path::PathBuf;
 
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyList, PyString, PyTuple, PyType};
 
-use crate::error::shape_str;
 use crate::checks::{check_disjoint, extent, Owner, Span};
 use crate::convert::Half;
+use crate::error::shape_str;
 use crate::functional::{self, SavedStats};
 use crate::state_file::{self, FileDtype, RawTensor, TensorFile};
 use crate::{
-    BatchNorm, Buffer, Config, ConfigOverrides, Element, Error, Kind, Ranks, Result, Shape, StateTensor, StateValues,
-    Layout, TensorMut, TensorRef,
+    BatchNorm, Buffer, Config, ConfigOverrides, Element, Error, Kind, Layout, Ranks, Result, Shape, StateTensor,
+    StateValues, TensorMut, TensorRef,
 };
 
 /// `batchnorm.ShapeError`: a size that does not match (channels, a parameter's or buffer's length,
@@ -363,7 +363,12 @@ fn view_of<'a, T: Float>(array: &'a Bound<'_, PyArrayDyn<T>>, ranks: Ranks) -> R
 /// A fresh array of `dims` and `dtype` laid out as `layout` says (a channels-last array is an
 /// (N, spatial..., C) one with its axes moved back), through numpy.empty, so an impossible size
 /// raises NumPy's MemoryError.
-fn fresh<'py>(py: Python<'py>, dims: &[usize], dtype: &Bound<'py, PyAny>, layout: Layout) -> PyResult<Bound<'py, PyAny>> {
+fn fresh<'py>(
+    py: Python<'py>,
+    dims: &[usize],
+    dtype: &Bound<'py, PyAny>,
+    layout: Layout,
+) -> PyResult<Bound<'py, PyAny>> {
     let numpy = py.import("numpy")?;
     if layout == Layout::Contiguous || dims.len() < 3 {
         return numpy.call_method1("empty", (dims.to_vec(), dtype));
@@ -378,7 +383,8 @@ fn fresh<'py>(py: Python<'py>, dims: &[usize], dtype: &Bound<'py, PyAny>, layout
 /// channels-last for a 4D or 5D result.
 fn out_layout(array: &Bound<'_, PyUntypedArray>) -> Result<Layout> {
     let item = array.dtype().itemsize() as isize;
-    let strides: Vec<isize> = array.strides().iter().map(|&s| if s % item == 0 { s / item } else { isize::MIN }).collect();
+    let strides: Vec<isize> =
+        array.strides().iter().map(|&s| if s % item == 0 { s / item } else { isize::MIN }).collect();
     match Layout::of(array.shape(), &strides) {
         Some(Layout::ChannelsLast) if array.ndim() >= 4 => Ok(Layout::ChannelsLast),
         Some(Layout::Contiguous) => Ok(Layout::Contiguous),
