@@ -110,11 +110,20 @@ def element_types(name):
     return [np.dtype(name).type]
 
 
-def implementations(shape, dtype, op, torch):
-    """The calls to time for one (shape, dtype, op): name → zero-argument callable."""
+def channels_last(a):
+    """`a` (N, C, H, W) with the same values, laid out (N, H, W, C), as PyTorch's channels_last."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def implementations(shape, dtype, op, torch, layout="nchw"):
+    """The calls to time for one (shape, dtype, op): name → zero-argument callable. Channels-last
+    inputs go to every implementation as they are (PyTorch takes them as channels_last tensors),
+    and the outputs are channels-last too."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
+    if layout == "channels-last":
+        x, dy = channels_last(x), channels_last(dy)
     y = np.empty_like(x)
     c = shape[1]
     # Half inputs (float16, bfloat16) run on a float32 module, as in PyTorch; NumPy has no such path.
@@ -176,7 +185,7 @@ def torch_call(torch, x, dy, w, b, op):
     return forward
 
 
-def run(shapes, dtypes, thread_counts, budget, max_rounds, torch):
+def run(shapes, dtypes, thread_counts, budget, max_rounds, torch, layout="nchw"):
     rows = []
     total, done = len(dtypes) * len(thread_counts) * len(shapes) * len(OPS), 0
     for dtype in dtypes:
@@ -188,12 +197,13 @@ def run(shapes, dtypes, thread_counts, budget, max_rounds, torch):
                 for op in OPS:
                     done += 1
                     print(f"[{done}/{total}] ", end="")
-                    medians = interleaved_medians(implementations(shape, dtype, op, torch), budget, max_rounds)
+                    calls = implementations(shape, dtype, op, torch, layout)
+                    medians = interleaved_medians(calls, budget, max_rounds)
                     floor = medians["memcpy"]
                     for name, seconds in medians.items():
                         rows.append(
                             {
-                                "dtype": np.dtype(dtype).name,
+                                "dtype": np.dtype(dtype).name + (" channels-last" if layout == "channels-last" else ""),
                                 "threads": threads,
                                 "shape": list(shape),
                                 "op": op,
@@ -356,6 +366,9 @@ def main(argv=None):
     parser.add_argument(
         "--shapes", nargs="+", help="shapes to time, as N,C,H,W (default: the README's)", metavar="N,C,H,W"
     )
+    parser.add_argument(
+        "--layout", choices=["nchw", "channels-last"], default="nchw", help="the inputs' and outputs' memory layout"
+    )
     parser.add_argument("--table", metavar="JSON", help="print the tables of an earlier run's JSON, and stop")
     args = parser.parse_args(argv)
     if args.table:
@@ -378,7 +391,7 @@ def main(argv=None):
         shapes, budget, max_rounds = SHAPES, 1.0, 60
     if args.shapes:
         shapes = [parse_shape(text, parser) for text in args.shapes]
-    rows = run(shapes, dtypes, thread_counts, budget, max_rounds, torch)
+    rows = run(shapes, dtypes, thread_counts, budget, max_rounds, torch, args.layout)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak_rss_mib:.0f} MiB")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
