@@ -227,6 +227,10 @@ impl Shape {
     pub(crate) fn contiguous_index(&self, n: usize, c: usize, w: usize) -> usize {
         (n * self.c + c) * self.plane() + w
     }
+    /// Where value `w` of plane (n, c) sits in a channels-last (N, S, C) buffer.
+    pub(crate) fn channels_last_index(&self, n: usize, c: usize, w: usize) -> usize {
+        (n * self.plane() + w) * self.c + c
+    }
 }
 
 /// A read-only view of an (N, C, H, W) tensor with arbitrary strides (in elements, possibly
@@ -366,8 +370,7 @@ impl<'a, T: Element> TensorRef<'a, T> {
             return Layout::Contiguous;
         }
         let shape = self.shape;
-        let strides: Vec<isize> = self.strides.to_vec();
-        Layout::of(&[shape.n, shape.c, shape.h, shape.w], &strides).unwrap_or_default()
+        Layout::of(&[shape.n, shape.c, shape.h, shape.w], &self.strides).unwrap_or_default()
     }
 
     /// Whether [`Self::read`] borrows every plane in place (and so never uses its buffer).
@@ -537,12 +540,12 @@ impl<T: Element> TensorMut<'_, T> {
     /// `check_target`): copied, or rounded once to the half type, in the target's layout.
     pub(crate) fn write_all(self, values: &[T], shape: Shape) -> Result<()> {
         let layout = self.layout;
-        let (plane, c) = (shape.plane(), shape.c);
+        let per_image = shape.c * shape.plane();
         let at = |i: usize| match layout {
             Layout::Contiguous => i,
             Layout::ChannelsLast => {
-                let (n, rest) = (i / (c * plane), i % (c * plane));
-                (n * plane + rest % plane) * c + rest / plane
+                let (n, rest) = (i / per_image, i % per_image);
+                shape.channels_last_index(n, rest / shape.plane(), rest % shape.plane())
             }
         };
         match self.target {

@@ -111,3 +111,15 @@ def assert_layout_of_output(y, x):
         assert y.strides == channels_last_strides(y.shape, y.itemsize), (y.strides, x.strides)
     else:
         assert y.flags.c_contiguous, y.strides
+
+
+def assert_float32_state(m, ref):
+    """A float32 module's state after half inputs: float32 (and int64) arrays, running statistics
+    and the weight's gradient as the float64 reference has them."""
+    state = m.state_dict()
+    assert all(v.dtype in (np.float32, np.int64) for v in state.values())
+    if ref.running_var is not None:
+        np.testing.assert_allclose(state["running_mean"], ref.running_mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(state["running_var"], ref.running_var, rtol=1e-6, atol=1e-6)
+    if ref.grad_weight is not None:
+        np.testing.assert_allclose(np.asarray(m.grad_weight), ref.grad_weight, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 import batchnorm
 
-from helpers import HALF, assert_within_one_rounding, pair, tol
+from helpers import HALF, assert_float32_state, assert_within_one_rounding, pair, tol
 from reference import ReferenceBatchNorm2d
 
 # Only these mean "no GPU here" (or none we can compile for: a GPU machine without NVRTC installed):
@@ -567,13 +567,7 @@ def test_half_tensors_match_the_reference_within_one_rounding(rng, half_kernels,
         dy, dy64 = half_on_gpu(rng.standard_normal(shape), dtype)
         dx = m.backward(dy)
         assert_within_one_rounding(half_host(dx, dtype).reshape(planes), ref.backward(dy64.reshape(planes)), dtype)
-    state = m.state_dict()
-    assert all(v.dtype in (np.float32, np.int64) for v in state.values())
-    if ref.running_var is not None:
-        np.testing.assert_allclose(state["running_mean"], ref.running_mean, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(state["running_var"], ref.running_var, rtol=1e-6, atol=1e-6)
-    if ref.grad_weight is not None:
-        np.testing.assert_allclose(host(m.grad_weight), ref.grad_weight, rtol=1e-5, atol=1e-5)
+    assert_float32_state(m, ref)
 
 
 @needs_gpu

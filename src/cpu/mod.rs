@@ -498,8 +498,8 @@ impl<'a, T: Element> SharedOut<'a, T> {
             }
             return;
         }
-        let (c, plane) = (self.shape.c, self.shape.plane());
-        let first = (at.n * plane + at.w) * c + at.c;
+        let c = self.shape.c;
+        let first = self.shape.channels_last_index(at.n, at.c, at.w);
         assert!(len == 0 || first + (len - 1) * c < self.len, "block inside the output");
         let staged = &mut staged[..len];
         write(staged);

@@ -131,10 +131,12 @@ impl Storage {
     /// emulator's tests but have not yet run on a GPU, so a GPU refuses them (the backend ships
     /// no path a GPU has not run) unless `UNVERIFIED_HALF_KERNELS` is 1, as the GPU tests set it.
     pub(crate) fn of<T: Element>(tensor: &DeviceTensor<T>, device: &Device) -> Result<Storage> {
-        let verified = matches!(device.backend, Backend::Emulator(_))
-            || std::env::var(UNVERIFIED_HALF_KERNELS).is_ok_and(|value| value == "1");
+        let verified = || {
+            matches!(device.backend, Backend::Emulator(_))
+                || std::env::var(UNVERIFIED_HALF_KERNELS).is_ok_and(|value| value == "1")
+        };
         match tensor.half_type() {
-            Some(half) if !verified => Err(Error::Unsupported(format!(
+            Some(half) if !verified() => Err(Error::Unsupported(format!(
                 "{} tensors on a GPU: their CUDA kernels have passed the CPU emulator's tests but have not yet run on \
                  a GPU; set {UNVERIFIED_HALF_KERNELS}=1 to use them anyway, or keep the module on the CPU, which \
                  runs half inputs",
